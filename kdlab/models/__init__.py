@@ -1,0 +1,26 @@
+"""Model zoo: a registry of CIFAR classifiers that all share the `StagedModel` shape.
+
+Importing this package registers every model (``vgg16``, ``resnet18``, ``densenet121``,
+``densenet121_cifar``).
+"""
+
+from kdlab.models import densenet, resnet, vgg  # noqa: F401  (imported to register the models)
+from kdlab.models.base import StagedModel
+from kdlab.models.registry import (
+    count_params,
+    create_model,
+    list_models,
+    model_family,
+    paper_params,
+    register_model,
+)
+
+__all__ = [
+    "StagedModel",
+    "count_params",
+    "create_model",
+    "list_models",
+    "model_family",
+    "paper_params",
+    "register_model",
+]

@@ -1,0 +1,268 @@
+"""The `kdlab` command: a thin layer over the Python API.
+
+User errors print one line on stderr and exit with code 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdlab.errors import UserError
+from kdlab.grid import PAPER_MODELS
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+    return wrap
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line too (and still exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"kdlab: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by train, distill and grid: where data and runs are, and the recipe."""
+    p.add_argument("--dataset", help="cifar10, cifar100, synthetic, or a folder with train/<class>/ and test/<class>/")
+    p.add_argument("--data-dir", help="where datasets live (default $KDLAB_DATA_DIR or ~/.cache/kdlab/data)")
+    p.add_argument("--preset", default="paper", help="paper (the paper's recipe), fast (GPU), smoke (seconds, CPU)")
+    p.add_argument("--config", help="YAML file of settings; command-line options override it")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting, e.g. --set weight_decay=1e-4 --set compile=none (repeatable)")
+    p.add_argument("--runs-dir", help="runs database and checkpoints (default $KDLAB_RUNS_DIR or ./runs)")
+    p.add_argument("--quiet", action="store_true", help="one line per epoch, no live progress bar")
+
+
+def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """Config overrides from the named options and --set KEY=VALUE pairs (values parsed as YAML)."""
+    out = {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed,
+           "batch_size": args.batch_size, "lr": args.lr, "device": args.device, **extra}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set takes KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _method_args(items: Sequence[str]) -> dict[str, Any] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--method-arg takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kdlab", description="Knowledge distillation for image classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("models", help="list the model zoo with parameter counts")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--widths", default="1.0,0.5", help="comma-separated widths to list (default 1.0,0.5)")
+    p.add_argument("--num-classes", type=int, default=10)
+
+    p = sub.add_parser("train", help="train a model from scratch with cross-entropy")
+    p.add_argument("model")
+    p.add_argument("--width", type=float, help="width multiplier (default 1.0; smoke preset 0.125)")
+    _add_run_options(p)
+
+    p = sub.add_parser("distill", help="train a student from a teacher (the paper's equation (2) by default)")
+    p.add_argument("--teacher", required=True, help="a finished run's id (or prefix) or a checkpoint file")
+    p.add_argument("--teacher-model", help="architecture of a bare state-dict teacher checkpoint")
+    p.add_argument("--teacher-width", type=float, help="width of a bare state-dict teacher checkpoint")
+    p.add_argument("--student", required=True, help="student model name")
+    p.add_argument("--width", type=float, help="student width (default 0.5, the paper's half width)")
+    p.add_argument("--method", default="kd", help="distillation method (default kd)")
+    p.add_argument("--temperature", type=float, help="T of equation (1) (paper: 3)")
+    p.add_argument("--alpha", type=float, help="weight of cross-entropy in equation (2) (paper: 0.7)")
+    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method's own hyperparameter (repeatable)")
+    _add_run_options(p)
+
+    p = sub.add_parser("grid", help="run the study: teachers, students alone, every student from every teacher")
+    p.add_argument("--teachers", default=",".join(PAPER_MODELS), help="comma-separated teacher models")
+    p.add_argument("--students", default=",".join(PAPER_MODELS), help="comma-separated student models (half width)")
+    p.add_argument("--methods", default="kd", help="comma-separated distillation methods (default kd)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every run (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="list the planned runs and their state, run nothing")
+    _add_run_options(p)
+
+    p = sub.add_parser("report", help="the paper's Tables 1-3 from the runs database, with statistics")
+    p.add_argument("--runs-dir", help="runs database (default $KDLAB_RUNS_DIR or ./runs)")
+    p.add_argument("--format", default="md", choices=["md", "csv", "json", "latex"])
+    p.add_argument("--compare-paper", action="store_true", help="the paper's VCL and Colab numbers beside ours")
+    p.add_argument("--dataset", help="only this dataset's study")
+    p.add_argument("--preset", help="only this preset's study")
+    p.add_argument("--out", help="also write every format and the plots (PNG) into this folder")
+
+    p = sub.add_parser("demo", help="the 15-run study on synthetic data on the CPU (smoke preset), then the report")
+    p.add_argument("--runs-dir", default="kdlab-demo", help="where the demo's runs go (default ./kdlab-demo)")
+    p.add_argument("--data-dir", help="where the synthetic data set is written (default: inside the runs dir)")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    return parser
+
+
+@command("models")
+def _models(args: argparse.Namespace) -> int:
+    from kdlab.models import count_params, create_model, list_models, paper_params
+
+    try:
+        widths = [float(w) for w in args.widths.split(",")]
+    except ValueError:
+        raise UserError(f"--widths takes comma-separated numbers, got {args.widths!r}") from None
+    rows = []
+    for name in list_models():
+        for width in widths:
+            model = create_model(name, width, args.num_classes)
+            rows.append({"name": name, "width": width, "params": count_params(model),
+                         "paper_params": paper_params(model)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'model':<20}{'width':>7}{'params':>14}{'paper_params':>15}")
+    for r in rows:
+        print(f"{r['name']:<20}{r['width']:>7g}{r['params']:>14,}{r['paper_params']:>15,}")
+    print("paper_params counts conv and linear weights only, as the paper's Table 1 does.")
+    return 0
+
+
+@command("train")
+def _train(args: argparse.Namespace) -> int:
+    from kdlab.api import train
+
+    record = train(args.model, preset=args.preset, config=args.config, runs_dir=args.runs_dir, quiet=args.quiet,
+                   verbose=True, **_overrides(args, {"width": args.width}))
+    return _print_record(record)
+
+
+@command("distill")
+def _distill(args: argparse.Namespace) -> int:
+    from kdlab.api import distill
+
+    extra = {"width": args.width, "temperature": args.temperature, "alpha": args.alpha,
+             "method_args": _method_args(args.method_arg)}
+    record = distill(args.teacher, args.student, teacher_model=args.teacher_model, teacher_width=args.teacher_width,
+                     method=args.method, preset=args.preset, config=args.config, runs_dir=args.runs_dir,
+                     quiet=args.quiet, verbose=True, **_overrides(args, extra))
+    return _print_record(record)
+
+
+def _print_record(record: Any) -> int:
+    cfg = record.config
+    if record.status == "failed":
+        raise UserError(f"run {record.run_id} failed: {record.error}")
+    print(f"run {record.run_id}: {cfg['model']} width {cfg['width']:g}, method {cfg['method']}, "
+          f"{cfg['dataset']}, seed {cfg['seed']}")
+    print(f"final test accuracy {record.final_acc:.2f}% (last epoch; best {record.best_acc:.2f}% at epoch "
+          f"{record.best_epoch}), {record.epochs_done} epochs in {record.wall_s:.1f}s on {record.device}")
+    print(f"checkpoint {record.checkpoint}")
+    return 0
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+@command("grid")
+def _grid(args: argparse.Namespace) -> int:
+    from kdlab.api import default_runs_dir
+    from kdlab.grid import GridSpec, plan, run_grid, states
+    from kdlab.store import DB_NAME, Store
+
+    overrides = {k: v for k, v in _overrides(args, {}).items() if k not in ("dataset", "data_dir")}
+    spec = GridSpec(teachers=_csv(args.teachers), students=_csv(args.students), seeds=args.seeds,
+                    preset=args.preset, methods=_csv(args.methods), dataset=args.dataset, data_dir=args.data_dir,
+                    config=args.config, overrides={k: v for k, v in overrides.items() if v is not None})
+    runs = plan(spec)
+    runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+    if args.dry_run:
+        store = Store(runs_dir, create=False) if (runs_dir / DB_NAME).exists() else None
+        for r, state in zip(runs, states(runs, store), strict=True):
+            print(f"{r.run_id}  {state:<8} {r.role:<8} {r.label}")
+        print(f"{len(runs)} runs planned in {runs_dir}")
+        return 0
+    counts = run_grid(runs, runs_dir, quiet=args.quiet, log=lambda m: print(m, file=sys.stderr))
+    print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    return 0 if counts.get("failed", 0) == 0 else 1
+
+
+@command("report")
+def _report(args: argparse.Namespace) -> int:
+    from kdlab.api import default_runs_dir
+    from kdlab.report import build_report, render, write_report
+    from kdlab.store import Store
+
+    store = Store(Path(args.runs_dir) if args.runs_dir else default_runs_dir(), create=False)
+    report = build_report(store, dataset=args.dataset, preset=args.preset)
+    store.close()
+    print(render(report, args.format, compare_paper=args.compare_paper))
+    if args.out:
+        for path in write_report(report, Path(args.out), compare_paper=args.compare_paper):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from kdlab.grid import GridSpec, plan, run_grid
+    from kdlab.report import build_report, render, write_report
+    from kdlab.store import Store
+
+    runs_dir = Path(args.runs_dir)
+    data_dir = args.data_dir or str(runs_dir / "data")
+    spec = GridSpec(seeds=args.seeds, preset="smoke", dataset="synthetic", data_dir=data_dir)
+    t0 = time.perf_counter()
+    runs = plan(spec)
+    print(f"kdlab demo: the paper's {len(runs)}-run study on synthetic data, smoke preset, CPU", file=sys.stderr)
+    run_grid(runs, runs_dir, quiet=True, silent=args.quiet, log=lambda m: print(m, file=sys.stderr))
+    store = Store(runs_dir, create=False)
+    report = build_report(store, dataset="synthetic", preset="smoke")
+    store.close()
+    print(render(report, "md", compare_paper=True))
+    written = write_report(report, runs_dir / "report", compare_paper=True)
+    print(f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f}s; report and plots in {runs_dir / 'report'} "
+          f"({len(written)} files)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kdlab` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        sys.stderr.write(f"kdlab: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("kdlab: interrupted; run the same command again to resume\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""What a training method is: a small module that turns a batch into named loss terms.
+
+A method owns its own learnable parts (a regressor, an embedding, peer networks); the training
+loop optimises them together with the student, sums the returned terms and logs each one. Adding
+a method is one file with one `@register_method` class: the loop never names a method.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor, nn
+
+from kdlab.errors import UserError
+
+if TYPE_CHECKING:
+    from kdlab.config import Config
+    from kdlab.data.loader import Batch
+    from kdlab.teacher import Teacher
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available under its `name`."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+class Method(nn.Module):
+    """Base class of every training method.
+
+    Subclasses set `name`, `needs_teacher`, `defaults` (their own hyperparameters, read from
+    `config.method_args`) and `paper` (the reference), and implement `forward`.
+    """
+
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, Any]] = {}
+    paper: ClassVar[str] = ""
+
+    def __init__(self, cfg: Config, student: nn.Module, teacher: nn.Module | None):
+        super().__init__()
+        self.cfg = cfg
+        self.args = {**self.defaults, **cfg.method_args}
+        self.epoch = 0
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Reject method arguments this method does not know or cannot use."""
+        unknown = set(cfg.method_args) - set(cls.defaults)
+        if unknown:
+            known = ", ".join(sorted(cls.defaults)) or "none"
+            raise UserError(f"method {cls.name!r} has no argument {sorted(unknown)[0]!r} (its arguments: {known})")
+        if cls.needs_teacher and not cfg.teacher:
+            raise UserError(f"method {cls.name!r} needs a teacher: use `kdlab distill --teacher RUN_OR_CHECKPOINT`")
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the loop before each epoch (0-based); methods with schedules (ESKD) use it."""
+        self.epoch = epoch
+
+    def forward(self, student: nn.Module, batch: Batch, teacher: Teacher | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return the student's logits and the weighted loss terms whose sum is minimised."""
+        raise NotImplementedError

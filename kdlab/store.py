@@ -1,0 +1,328 @@
+"""The runs store: one SQLite database and one checkpoint folder per runs directory.
+
+It is the one place results are written. SQLite in WAL mode keeps the database readable after a
+`kill -9` at any moment; checkpoints are written to a temporary file and renamed, so a checkpoint
+on disk is always whole. Runs are claimed in a transaction so that several `kdlab grid`
+processes can share one runs directory without running anything twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdlab.errors import UserError
+
+SCHEMA_VERSION = 1
+DB_NAME = "kdlab.db"
+STALE_AFTER_S = 120.0  # a claim whose heartbeat is older than this is taken over
+HEARTBEAT_S = 15.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    config_json TEXT NOT NULL,
+    model TEXT NOT NULL, width REAL NOT NULL, method TEXT NOT NULL, teacher TEXT,
+    dataset TEXT NOT NULL, seed INTEGER NOT NULL, label TEXT,
+    status TEXT NOT NULL,              -- pending | running | done | failed
+    owner TEXT, heartbeat REAL,
+    created REAL NOT NULL, started REAL, finished REAL,
+    epochs_done INTEGER NOT NULL DEFAULT 0,
+    final_acc REAL, best_acc REAL, best_epoch INTEGER,
+    wall_s REAL, timing_json TEXT, device TEXT, versions_json TEXT,
+    params INTEGER, paper_params INTEGER, peak_mem_bytes INTEGER, error TEXT
+);
+CREATE TABLE IF NOT EXISTS epochs (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    epoch INTEGER NOT NULL,
+    train_loss REAL, train_acc REAL, test_loss REAL, test_acc REAL,
+    lr REAL, time_s REAL, terms_json TEXT,
+    PRIMARY KEY (run_id, epoch)
+);
+"""
+
+
+@dataclass
+class RunRecord:
+    """One run as stored: its config, status, metrics and timings."""
+
+    run_id: str
+    config: dict[str, Any]
+    status: str
+    label: str | None = None
+    epochs_done: int = 0
+    final_acc: float | None = None
+    best_acc: float | None = None
+    best_epoch: int | None = None
+    wall_s: float | None = None
+    timing: dict[str, float] = field(default_factory=dict)
+    device: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    params: int | None = None
+    paper_params: int | None = None
+    peak_mem_bytes: int | None = None
+    error: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: str | None = None
+
+    @property
+    def model(self) -> str:
+        return self.config["model"]
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
+
+
+def owner_id() -> str:
+    """Who holds a claim: host, process and a random part (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_is_dead(owner: str | None) -> bool:
+    """True when the claim's process is known to be gone (same host, pid not running)."""
+    if not owner:
+        return True
+    host, _, rest = owner.partition(":")
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(rest.split(":")[0]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
+
+
+class Store:
+    """The runs database and checkpoints under one runs directory."""
+
+    def __init__(self, runs_dir: str | Path, create: bool = True):
+        self.root = Path(runs_dir).expanduser()
+        self.path = self.root / DB_NAME
+        if not self.path.exists() and not create:
+            raise UserError(f"no kdlab runs database at {self.path}: run `kdlab train` or `kdlab grid` first")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "checkpoints").mkdir(exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create runs directory {self.root}: {e.strerror}") from None
+        if not os.access(self.root, os.W_OK):
+            raise UserError(f"runs directory {self.root} is not writable: choose another with --runs-dir")
+        self._conn = self._connect()
+        self._check_schema()
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path} is not a usable kdlab database ({e}): move it away or use "
+                            "another --runs-dir") from None
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def _check_schema(self) -> None:
+        try:
+            with self.transaction() as c:
+                tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if "meta" not in tables and tables:
+                    raise UserError(f"{self.path} is not a kdlab runs database: use another --runs-dir")
+                if not tables:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            c.execute(statement)
+                    c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path} is not a usable kdlab database ({e}): use another --runs-dir") from None
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            found = row[0] if row else "none"
+            raise UserError(f"{self.path} was written by an incompatible kdlab (schema {found}, this kdlab "
+                            f"reads {SCHEMA_VERSION}): use another --runs-dir")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT: the write lock is taken up front, so claims cannot race."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # ---- runs ---------------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> RunRecord | None:
+        row = self._conn.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return self._record(row) if row else None
+
+    def find(self, prefix: str) -> RunRecord | None:
+        """A run by its id or an unambiguous prefix of it."""
+        rows = self._conn.execute("SELECT * FROM runs WHERE run_id LIKE ?", (prefix + "%",)).fetchall()
+        if len(rows) > 1:
+            raise UserError(f"run id prefix {prefix!r} matches {len(rows)} runs: give more characters")
+        return self._record(rows[0]) if rows else None
+
+    def runs(self, status: str | None = None) -> list[RunRecord]:
+        query, args = "SELECT * FROM runs", ()
+        if status:
+            query, args = query + " WHERE status=?", (status,)
+        return [self._record(r) for r in self._conn.execute(query + " ORDER BY created", args)]
+
+    def _record(self, row: sqlite3.Row) -> RunRecord:
+        history = [
+            {k: e[k] for k in e.keys() if k not in ("run_id", "terms_json")}  # noqa: SIM118 (Row iterates values) | {"terms": json.loads(e["terms_json"] or "{}")}
+            for e in self._conn.execute("SELECT * FROM epochs WHERE run_id=? ORDER BY epoch", (row["run_id"],))
+        ]
+        ckpt = self.checkpoint_path(row["run_id"])
+        return RunRecord(
+            run_id=row["run_id"], config=json.loads(row["config_json"]), status=row["status"], label=row["label"],
+            epochs_done=row["epochs_done"], final_acc=row["final_acc"], best_acc=row["best_acc"],
+            best_epoch=row["best_epoch"], wall_s=row["wall_s"], timing=json.loads(row["timing_json"] or "{}"),
+            device=row["device"], versions=json.loads(row["versions_json"] or "{}"), params=row["params"],
+            paper_params=row["paper_params"], peak_mem_bytes=row["peak_mem_bytes"], error=row["error"],
+            history=history, checkpoint=str(ckpt) if ckpt.exists() else None,
+        )
+
+    def ensure(self, run_id: str, config: dict[str, Any], label: str | None = None) -> None:
+        """Record a run as pending unless it is already known."""
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO runs (run_id, config_json, model, width, method, teacher, dataset, seed,"
+                " label, status, created) VALUES (?,?,?,?,?,?,?,?,?,'pending',?)",
+                (run_id, json.dumps(config, sort_keys=True), config["model"], config["width"], config["method"],
+                 config.get("teacher"), config["dataset"], config["seed"], label, time.time()),
+            )
+
+    def claim(self, run_id: str, owner: str) -> str:
+        """Try to take a run: returns 'claimed', 'done' (nothing to do) or 'busy' (someone alive has it)."""
+        with self.transaction() as c:
+            row = c.execute("SELECT status, owner, heartbeat FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(run_id)
+            if row["status"] == "done":
+                return "done"
+            if row["status"] == "running" and row["owner"] != owner:
+                stale = time.time() - (row["heartbeat"] or 0) > STALE_AFTER_S
+                if not stale and not _owner_is_dead(row["owner"]):
+                    return "busy"
+            c.execute("UPDATE runs SET status='running', owner=?, heartbeat=?, error=NULL, "
+                      "started=COALESCE(started, ?) WHERE run_id=?", (owner, time.time(), time.time(), run_id))
+            return "claimed"
+
+    def heartbeat(self, run_id: str, owner: str) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE runs SET heartbeat=? WHERE run_id=? AND owner=?", (time.time(), run_id, owner))
+
+    def release(self, run_id: str, owner: str) -> None:
+        """Give back a claim without finishing (e.g. on Ctrl-C): the run can be resumed later."""
+        with self.transaction() as c:
+            c.execute("UPDATE runs SET status='pending', owner=NULL WHERE run_id=? AND owner=? AND status='running'",
+                      (run_id, owner))
+
+    def set_info(self, run_id: str, **values: Any) -> None:
+        """Static facts about a run known when it starts: device, versions, params."""
+        cols = {k: json.dumps(v) if k in ("versions_json",) else v for k, v in values.items()}
+        with self.transaction() as c:
+            c.execute(f"UPDATE runs SET {', '.join(f'{k}=?' for k in cols)} WHERE run_id=?", (*cols.values(), run_id))
+
+    def record_epoch(self, run_id: str, epoch: int, metrics: dict[str, Any]) -> None:
+        """Store one finished epoch (1-based) and advance the run's progress, atomically."""
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO epochs (run_id, epoch, train_loss, train_acc, test_loss, test_acc, lr,"
+                " time_s, terms_json) VALUES (?,?,?,?,?,?,?,?,?)",
+                (run_id, epoch, metrics.get("train_loss"), metrics.get("train_acc"), metrics.get("test_loss"),
+                 metrics.get("test_acc"), metrics.get("lr"), metrics.get("time_s"),
+                 json.dumps(metrics.get("terms", {}))),
+            )
+            c.execute("UPDATE runs SET epochs_done=?, heartbeat=? WHERE run_id=?", (epoch, time.time(), run_id))
+
+    def truncate_epochs(self, run_id: str, keep: int) -> None:
+        """Forget epochs after `keep` (their checkpoint was never completed)."""
+        with self.transaction() as c:
+            c.execute("DELETE FROM epochs WHERE run_id=? AND epoch>?", (run_id, keep))
+            c.execute("UPDATE runs SET epochs_done=? WHERE run_id=?", (keep, run_id))
+
+    def finish(self, run_id: str, result: dict[str, Any]) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE runs SET status='done', owner=NULL, finished=?, final_acc=?, best_acc=?, best_epoch=?,"
+                " wall_s=?, timing_json=?, peak_mem_bytes=?, error=NULL WHERE run_id=?",
+                (time.time(), result["final_acc"], result["best_acc"], result["best_epoch"], result["wall_s"],
+                 json.dumps(result["timing"]), result.get("peak_mem_bytes"), run_id),
+            )
+
+    def fail(self, run_id: str, error: str) -> None:
+        with self.transaction() as c:
+            c.execute("UPDATE runs SET status='failed', owner=NULL, finished=?, error=? WHERE run_id=?",
+                      (time.time(), error, run_id))
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def checkpoint_path(self, run_id: str) -> Path:
+        return self.root / "checkpoints" / f"{run_id}.pt"
+
+    def save_checkpoint(self, run_id: str, state: dict[str, Any]) -> None:
+        """Write atomically: a temporary file, flushed to disk, then renamed over the old one."""
+        path = self.checkpoint_path(run_id)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, run_id: str) -> dict[str, Any] | None:
+        path = self.checkpoint_path(run_id)
+        if not path.exists():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Heartbeat:
+    """Refreshes a claim from a background thread while a run trains (epochs can be long)."""
+
+    def __init__(self, store: Store, run_id: str, owner: str, every_s: float = HEARTBEAT_S):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(store.path, run_id, owner, every_s), daemon=True)
+
+    def _beat(self, path: Path, run_id: str, owner: str, every_s: float) -> None:
+        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+        try:
+            while not self._stop.wait(every_s):
+                conn.execute("UPDATE runs SET heartbeat=? WHERE run_id=? AND owner=?", (time.time(), run_id, owner))
+        finally:
+            conn.close()
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
