@@ -1,6 +1,7 @@
 """kdlab: knowledge distillation for image classifiers.
 
-The Python API mirrors the CLI: `kdlab.train`, `kdlab.distill`, `kdlab.grid`, `kdlab.report`.
+The Python API mirrors the CLI: `kdlab.train` and `kdlab.distill` here, the study in
+`kdlab.grid` (plan, run_grid) and `kdlab.report` (report, build_report, render).
 Names are imported on first use, so `import kdlab.models` stays light.
 """
 
@@ -12,7 +13,7 @@ __version__ = "0.1.0"
 
 _API = {
     "train": "kdlab.api", "distill": "kdlab.api", "kd_loss": "kdlab.losses", "RunRecord": "kdlab.store",
-    "UserError": "kdlab.errors", "grid": "kdlab.grid", "report": "kdlab.report",
+    "UserError": "kdlab.errors",
 }
 
 __all__ = [*_API, "__version__"]

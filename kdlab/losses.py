@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,8 +39,9 @@ def paper_snippet_loss(student_logits: Tensor, teacher_logits: Tensor, targets: 
     """The loss the paper's Figure 4 code computes, kept only as an ablation; it is NOT equation (2).
 
     It feeds probabilities (not log-probabilities) to KLDivLoss with its default mean over every
-    element, negates it and scales by T+1. Minimising it pushes the student's soft distribution
-    *away* from the teacher's and its gradient is ~100x smaller than equation (2)'s.
+    element, negates it and scales by T+1. What is left depends on the student only through
+    +mean(p_t * p_s): minimising it pushes the student's soft distribution *away* from the
+    teacher's (tests/test_loss.py checks that its gradient opposes equation (2)'s).
     """
     t = temperature
     p_s = F.softmax(student_logits.float() / t, dim=1)
@@ -45,6 +50,22 @@ def paper_snippet_loss(student_logits: Tensor, teacher_logits: Tensor, targets: 
     kl_elementwise = torch.xlogy(p_t, p_t) - p_t * p_s
     distill = -kl_elementwise.mean() * (t + 1)
     return alpha * F.cross_entropy(student_logits.float(), targets) + (1 - alpha) * distill
+
+
+_F = TypeVar("_F", bound=Callable[..., Tensor])
+
+
+def _full_precision(fn: _F) -> _F:
+    """Run `fn` with autocast off: under bf16 autocast a float32 matmul would still run in bf16,
+    and similarity and distance matrices need the precision (their inputs are cast by `.float()`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 # --- Response-based: Decoupled KD -----------------------------------------------------------------
@@ -134,6 +155,7 @@ def at_loss(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tenso
 # --- Relation-based: RKD and similarity-preserving KD ---------------------------------------------
 
 
+@_full_precision
 def pairwise_distances(emb: Tensor, eps: float = 1e-12) -> Tensor:
     """Euclidean distance matrix (N, N) of the rows of `emb`, with an exact zero diagonal.
 
@@ -159,6 +181,7 @@ def rkd_distance_loss(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
     return F.smooth_l1_loss(d_s, d_t, reduction="sum") / pairs
 
 
+@_full_precision
 def triplet_cosines(emb: Tensor) -> Tensor:
     """cos of the angle at vertex j between x_i - x_j and x_k - x_j, as an (N, N, N) tensor [j, i, k].
 
@@ -178,6 +201,7 @@ def rkd_angle_loss(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
     return huber / triplets
 
 
+@_full_precision
 def similarity_matrix(feat: Tensor) -> Tensor:
     """Similarity-preserving KD's batch similarity: G = F F^T with each row L2-normalised, (N, N)."""
     f = feat.float().flatten(1)

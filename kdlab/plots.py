@@ -75,7 +75,7 @@ def gain_vs_compression(study: Study) -> Figure | None:
         ax.set_xlabel("compression (student / teacher paper params)")
         ax.set_ylabel("accuracy gain over student alone (points)")
         ax.set_title(f"{study.name}: {method}")
-    _two_legends(axes[0], colours, markers)
+    _two_legends(axes[-1], colours, markers)
     return fig
 
 
@@ -93,9 +93,11 @@ def _two_legends(ax: Any, colours: dict[str, Any], markers: dict[str, str]) -> N
     students = [Line2D([], [], color=col, marker="o", ls="", label=name) for name, col in colours.items()]
     teachers = [Line2D([], [], color="black", marker=m, ls="", label=f"teacher {name}")
                 for name, m in markers.items()]
-    first = ax.legend(handles=students, loc="upper left", fontsize=7, title="student", title_fontsize=7)
+    # Outside the axes, to the right: error bars span most of the plot's height.
+    first = ax.legend(handles=students, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="student",
+                      title_fontsize=7)
     ax.add_artist(first)
-    ax.legend(handles=teachers, loc="upper right", fontsize=7)
+    ax.legend(handles=teachers, loc="lower left", bbox_to_anchor=(1.02, 0.0), fontsize=7)
 
 
 def acc_time_bars(study: Study) -> Figure | None:
@@ -123,7 +125,7 @@ def acc_time_bars(study: Study) -> Figure | None:
     ax_time.set_xticks(range(len(groups)), list(groups), rotation=20)
     ax_acc.set_title(f"{study.name}: with and without KD")
     handles = [_patch(colours[label], label) for label in labels]
-    ax_acc.legend(handles=handles, fontsize=7, loc="lower right")
+    ax_acc.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -166,6 +168,7 @@ def curves(study: Study) -> Figure | None:
             epochs, accs = [p[0] for p in curve], [p[1] for p in curve]
             ax.plot(epochs, accs, style, label=label, marker="." if len(epochs) < 20 else None)
         ax.set_title(family)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
         ax.legend(fontsize=6)

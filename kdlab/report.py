@@ -756,7 +756,8 @@ def noise_summary(rows: list[NoiseRow]) -> str:
     if gain:
         text += f", and so is the gain difference in {sum(gain)} of {len(gain)} KD cells"
     if all(acc) and all(gain):
-        text += ": the platform differences are no evidence that hardware changes what KD does"
+        what = "hardware changes what KD does" if gain else "hardware changes the results"
+        text += f": the platform differences are no evidence that {what}"
     else:
         text += ": the others exceed our seed spread, which may reflect the platform or the paper's own noise"
     return text + " (our spread is measured with our data and recipe, not the paper's)."
@@ -1012,7 +1013,8 @@ def write_report(report: Report, out_dir: str | Path, formats: Sequence[str] = (
 
 def report(runs_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
            dataset: str | None = None, preset: str | None = None,
-           formats: Sequence[str] = ("md", "json", "csv", "latex"), compare_paper: bool = True) -> Report:
+           formats: Sequence[str] = ("md", "json", "csv", "latex"), compare_paper: bool = True,
+           plots: bool = True) -> Report:
     """The Python API of `kdlab report`: build the report of a runs directory and, with out_dir, write it.
 
     The files written are in the returned report's `files`.
@@ -1026,5 +1028,5 @@ def report(runs_dir: str | Path | None = None, out_dir: str | Path | None = None
     finally:
         store.close()
     if out_dir is not None:
-        write_report(result, out_dir, formats=formats, compare_paper=compare_paper)
+        write_report(result, out_dir, formats=formats, compare_paper=compare_paper, plots=plots)
     return result

@@ -194,10 +194,12 @@ class Store:
         return [self._record(r) for r in self._conn.execute(query + " ORDER BY created", args)]
 
     def _record(self, row: sqlite3.Row) -> RunRecord:
-        history = [
-            {k: e[k] for k in e.keys() if k not in ("run_id", "terms_json")}  # noqa: SIM118 (Row iterates values) | {"terms": json.loads(e["terms_json"] or "{}")}
-            for e in self._conn.execute("SELECT * FROM epochs WHERE run_id=? ORDER BY epoch", (row["run_id"],))
-        ]
+        history = []
+        for e in self._conn.execute("SELECT * FROM epochs WHERE run_id=? ORDER BY epoch", (row["run_id"],)):
+            epoch = dict(zip(e.keys(), tuple(e), strict=True))
+            epoch.pop("run_id")
+            epoch["terms"] = json.loads(epoch.pop("terms_json") or "{}")
+            history.append(epoch)
         ckpt = self.checkpoint_path(row["run_id"])
         return RunRecord(
             run_id=row["run_id"], config=json.loads(row["config_json"]), status=row["status"], label=row["label"],

@@ -34,9 +34,9 @@ def _config(model, width, seed, method="ce", teacher=None, **extra):
     return build_config("smoke", model, overrides=overrides)
 
 
-def _add(store, cfg, acc, wall=100.0, status="done", error=None, teacher_s=0.0):
+def _add(store, cfg, acc, wall=100.0, status="done", error=None, teacher_s=0.0, run_id=None):
     """Insert one run as the training loop would leave it; returns its id."""
-    run_id = cfg.run_hash()
+    run_id = run_id or cfg.run_hash()
     store.ensure(run_id, cfg.to_dict())
     if status == "pending":
         return run_id
@@ -273,6 +273,47 @@ def test_external_checkpoint_teacher(store):
     cell = build_report(store).studies[0].cells[0]
     assert cell.teacher == "file:01234567" and cell.compression is None
     assert cell.gain.mean_diff == pytest.approx(0.3)
+
+
+def test_teacherless_method_is_compared_with_the_student_alone(store):
+    _add(store, _config("resnet18", SW, 0), 72.0)
+    _add(store, _config("resnet18", SW, 1), 72.4)
+    online = _config("resnet18", SW, 0)
+    online.method = "dml"  # an online method (no teacher run): not registered yet, so set after validation
+    _add(store, online, 72.5, run_id="dml0")
+    online.seed = 1
+    _add(store, online, 73.1, run_id="dml1")
+    report = build_report(store)
+    cell = report.studies[0].cells[0]
+    assert (cell.student, cell.teacher, cell.method, cell.online) == ("resnet18_half", None, "dml", True)
+    assert cell.gain.mean_diff == pytest.approx(0.6) and cell.compression is None
+    md = render(report, "md")
+    assert "### Methods by pair" in md and "| dml | Gain vs alone |" in md
+    assert json.loads(render(report, "json"))["studies"][0]["cells"][0]["teacher"] is None
+
+
+def test_report_api_reads_a_runs_dir(tmp_path):
+    from kdlab.report import report
+
+    with pytest.raises(UserError, match="no kdlab runs database"):
+        report(tmp_path / "nowhere")
+    store = Store(tmp_path / "runs")
+    _grid(store, seeds=(0,))
+    store.close()
+    result = report(tmp_path / "runs", tmp_path / "out", formats=("md", "json"), plots=False)
+    assert result.has_results and [p.name for p in result.files] == ["report.md", "report.json"]
+
+
+def test_duplicates_and_unknown_teachers_are_reported(store):
+    old = _add(store, _config("vgg16", SW, 0, eval_batch_size=100), 69.0)  # eval batch size is not a recipe
+    _add(store, _config("vgg16", SW, 0), 70.0)
+    _add(store, _config("vgg16", SW, 0, "kd", "0123456789abcdef"), 70.5)  # a teacher run no longer stored
+    study = build_report(store).studies[0]
+    assert study.table1[0].acc.mean == 70.0  # the newer run
+    assert any(m.kind == "duplicate" and m.run_id == old for m in study.missing)
+    cell = study.cells[0]
+    assert cell.teacher == "run:01234567" and cell.gain.mean_diff == pytest.approx(0.5)
+    assert any(m.kind == "teacher" and m.what == "vgg16_half <- run:01234567 (kd)" for m in study.missing)
 
 
 def test_display_names():

@@ -21,8 +21,13 @@ SYNTHETIC_VERSION = 1
 
 PROTOTYPES_PER_CLASS = 3
 MAX_SHIFT = 3  # pixels, in each direction
-SHARED_WEIGHT = 0.5  # share of the pair pattern in each prototype: higher = siblings harder to tell apart
+SHARED_WEIGHT = 0.4  # share of the pair pattern in each prototype: higher = siblings harder to tell apart
+# Each image also blends in a prototype of its sibling class, with a weight drawn up to this value:
+# near 0.5 the image is genuinely ambiguous, so the best answer is a soft one (what KD can pass on).
+SIBLING_MAX = 0.45
 BLOBS_PER_PATTERN = 4
+DISTRACTORS = 32  # class-free patterns, one blended into each image so that no pixel is a giveaway
+DISTRACTOR_WEIGHT = 0.4
 NOISE_STD = 0.12  # pixel noise, in units of the [0, 1] intensity range
 GAIN_STD = 0.2  # per-image, per-channel contrast jitter
 OFFSET_STD = 0.1  # per-image, per-channel brightness jitter
@@ -38,9 +43,11 @@ def write_synthetic_cifar(root: Path, n_train: int = 2000, n_test: int = 500, nu
     if n_train < 5 or n_test < 1 or num_classes < 2 or image_size < 4:
         raise ValueError("need n_train >= 5, n_test >= 1, num_classes >= 2 and image_size >= 4")
     rng = np.random.default_rng(seed)
-    prototypes = _prototypes(rng, num_classes, image_size + 2 * MAX_SHIFT)
-    train = _render(rng, prototypes, n_train, image_size)
-    test = _render(rng, prototypes, n_test, image_size)
+    canvas = image_size + 2 * MAX_SHIFT
+    prototypes = _prototypes(rng, num_classes, canvas)
+    distractors = _squash(np.stack([_smooth_pattern(rng, canvas) for _ in range(DISTRACTORS)]))
+    train = _render(rng, prototypes, distractors, n_train, image_size)
+    test = _render(rng, prototypes, distractors, n_test, image_size)
 
     layout = LAYOUTS["cifar10"]
     folder = Path(root) / layout.folder
@@ -104,20 +111,35 @@ def _prototypes(rng: np.random.Generator, num_classes: int, size: int) -> np.nda
         for k in range(PROTOTYPES_PER_CLASS):
             own = _smooth_pattern(rng, size)
             protos[c, k] = SHARED_WEIGHT * shared[c // 2] + (1 - SHARED_WEIGHT) * own
-    # Squash into [0, 1] softly so that strong blobs saturate instead of clipping hard.
-    return 0.5 + 0.5 * np.tanh(protos)
+    return _squash(protos)
 
 
-def _render(rng: np.random.Generator, protos: np.ndarray, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _squash(patterns: np.ndarray) -> np.ndarray:
+    # Into [0, 1] softly, so that strong blobs saturate instead of clipping hard.
+    return 0.5 + 0.5 * np.tanh(patterns)
+
+
+def _windows(rng: np.random.Generator, n: int, canvas: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column indices of ``n`` random size x size windows in a canvas, shaped to broadcast
+    into an (n, size, size) gather, so that cropping never materialises the padded canvases."""
+    dy, dx = rng.integers(0, canvas - size + 1, (2, n))
+    return (dy[:, None] + np.arange(size))[:, :, None], (dx[:, None] + np.arange(size))[:, None, :]
+
+
+def _render(rng: np.random.Generator, protos: np.ndarray, distractors: np.ndarray, n: int,
+            size: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` uint8 HWC images and their int64 labels, classes balanced to within one image."""
-    num_classes, per_class = protos.shape[:2]
+    num_classes, per_class, canvas = protos.shape[:3]
     labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
-    which = rng.integers(0, per_class, n)
-    dy, dx = rng.integers(0, 2 * MAX_SHIFT + 1, (2, n))
-    # Crop every image's window out of its (padded) prototype with one fancy-indexing gather.
-    rows = (dy[:, None] + np.arange(size))[:, :, None]
-    cols = (dx[:, None] + np.arange(size))[:, None, :]
-    images = protos[labels[:, None, None], which[:, None, None], rows, cols]
+    sibling = np.minimum(labels ^ 1, num_classes - 1)  # pairs (0, 1), (2, 3)...; an odd last class has none
+    col = (slice(None), None, None)  # per-image index, broadcast over the window
+    rows, cols = _windows(rng, n, canvas, size)
+    own = protos[labels[col], rng.integers(0, per_class, n)[col], rows, cols]
+    other = protos[sibling[col], rng.integers(0, per_class, n)[col], rows, cols]
+    mix = rng.uniform(0, SIBLING_MAX, (n, 1, 1, 1)).astype(np.float32)
+    rows, cols = _windows(rng, n, canvas, size)
+    noise = distractors[rng.integers(0, len(distractors), n)[col], rows, cols]
+    images = (1 - DISTRACTOR_WEIGHT) * ((1 - mix) * own + mix * other) + DISTRACTOR_WEIGHT * noise
     flip = rng.random(n) < 0.5
     images[flip] = images[flip, :, ::-1]
     gain = 1 + GAIN_STD * rng.standard_normal((n, 1, 1, 3), dtype=np.float32)
