@@ -38,6 +38,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     needs_teacher: ClassVar[bool] = False
+    uses_features: ClassVar[bool] = False  # needs stage features, not only logits
     defaults: ClassVar[dict[str, Any]] = {}
     paper: ClassVar[str] = ""
 
@@ -48,13 +49,18 @@ class Method(nn.Module):
         self.epoch = 0
 
     @classmethod
+    def needs_teacher_for(cls, cfg: Config) -> bool:
+        """Whether this configuration of the method distils from a teacher (combinations ask their parts)."""
+        return cls.needs_teacher
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Reject method arguments this method does not know or cannot use."""
         unknown = set(cfg.method_args) - set(cls.defaults)
         if unknown:
             known = ", ".join(sorted(cls.defaults)) or "none"
             raise UserError(f"method {cls.name!r} has no argument {sorted(unknown)[0]!r} (its arguments: {known})")
-        if cls.needs_teacher and not cfg.teacher:
+        if cls.needs_teacher_for(cfg) and not cfg.teacher:
             raise UserError(f"method {cls.name!r} needs a teacher: use `kdlab distill --teacher RUN_OR_CHECKPOINT`")
 
     def start_epoch(self, epoch: int) -> None:

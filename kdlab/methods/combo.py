@@ -43,6 +43,13 @@ class Combination(Method):
     paper = "weighted combination of registered methods (no paper)"
 
     @classmethod
+    def needs_teacher_for(cls, cfg):
+        parts = cfg.method_args.get("parts")
+        if not isinstance(parts, dict):
+            return False  # check_config reports the malformed parts
+        return any(name in METHODS and name != cls.name and METHODS[name].needs_teacher_for(cfg) for name in parts)
+
+    @classmethod
     def check_config(cls, cfg):
         super().check_config(cfg)
         a = method_args(cls, cfg)
@@ -75,7 +82,7 @@ class Combination(Method):
         self.weights = {name: float(parts[name]) for name in names}
         self.parts = nn.ModuleDict({name: METHODS[name](_part_config(cfg, name, args), student, teacher)
                                     for name in names})
-        self.features = any(getattr(part, "uses_features", False) for part in self.parts.values())
+        self.features = any(part.uses_features for part in self.parts.values())
 
     def start_epoch(self, epoch):
         super().start_epoch(epoch)
