@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="kd", help="comma-separated distillation methods (default kd)")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every run (default 1)")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and their state, run nothing")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the grid (default 1); on a CPU one per core, on a GPU a few")
     _add_run_options(p)
 
     p = sub.add_parser("report", help="the paper's Tables 1-3 from the runs database, with statistics")
@@ -123,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the 15-run study on synthetic data on the CPU (smoke preset), then the report")
     p.add_argument("--runs-dir", default="kdlab-demo", help="where the demo's runs go (default ./kdlab-demo)")
     p.add_argument("--data-dir", help="where the synthetic data set is written (default: inside the runs dir)")
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=2, help="seeds per run (default 2: enough for a spread)")
+    p.add_argument("--workers", type=int, default=2, help="processes sharing the runs (default 2, one per core)")
     p.add_argument("--quiet", action="store_true")
     return parser
 
@@ -192,7 +195,8 @@ def _csv(text: str) -> list[str]:
 @command("grid")
 def _grid(args: argparse.Namespace) -> int:
     from kdlab.api import default_runs_dir
-    from kdlab.grid import GridSpec, plan, run_grid, states
+    from kdlab.data import load_dataset
+    from kdlab.grid import GridSpec, plan, run_grid, spawn_workers, states, wait_workers
     from kdlab.store import DB_NAME, Store
 
     overrides = {k: v for k, v in _overrides(args, {}).items() if k not in ("dataset", "data_dir")}
@@ -207,9 +211,27 @@ def _grid(args: argparse.Namespace) -> int:
             print(f"{r.run_id}  {state:<8} {r.role:<8} {r.label}")
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
-    counts = run_grid(runs, runs_dir, quiet=args.quiet, log=lambda m: print(m, file=sys.stderr))
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    # Load (or download) the data once, before other workers start, so they never race for it.
+    dataset = load_dataset(runs[0].cfg.dataset, runs[0].cfg.data_dir)
+    workers = spawn_workers(args.workers - 1, _without_workers(args.argv[1:]))
+    counts = run_grid(runs, runs_dir, quiet=args.quiet, log=lambda m: print(m, file=sys.stderr), dataset=dataset)
+    failed_workers = wait_workers(workers)
     print(", ".join(f"{n} {k}" for k, n in counts.items()))
-    return 0 if counts.get("failed", 0) == 0 else 1
+    return 0 if counts.get("failed", 0) == 0 and not failed_workers else 1
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            out.append(a)
+    return out
 
 
 @command("report")
@@ -230,7 +252,8 @@ def _report(args: argparse.Namespace) -> int:
 
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
-    from kdlab.grid import GridSpec, plan, run_grid
+    from kdlab.data import load_dataset
+    from kdlab.grid import GridSpec, plan, run_grid, spawn_workers, wait_workers
     from kdlab.report import build_report, render, write_report
     from kdlab.store import Store
 
@@ -239,8 +262,16 @@ def _demo(args: argparse.Namespace) -> int:
     spec = GridSpec(seeds=args.seeds, preset="smoke", dataset="synthetic", data_dir=data_dir)
     t0 = time.perf_counter()
     runs = plan(spec)
-    print(f"kdlab demo: the paper's {len(runs)}-run study on synthetic data, smoke preset, CPU", file=sys.stderr)
-    run_grid(runs, runs_dir, quiet=True, silent=args.quiet, log=lambda m: print(m, file=sys.stderr))
+    print(f"kdlab demo: the paper's study ({len(runs)} runs: 15 x {args.seeds} seeds) on synthetic data, smoke "
+          f"preset, CPU, {args.workers} processes", file=sys.stderr)
+    if args.workers < 1 or args.seeds < 1:
+        raise UserError("--workers and --seeds must be >= 1")
+    grid_args = ["--preset", "smoke", "--dataset", "synthetic", "--data-dir", data_dir, "--runs-dir", str(runs_dir),
+                 "--seeds", str(args.seeds)]
+    dataset = load_dataset("synthetic", data_dir)
+    workers = spawn_workers(args.workers - 1, grid_args)
+    run_grid(runs, runs_dir, quiet=True, silent=args.quiet, log=lambda m: print(m, file=sys.stderr), dataset=dataset)
+    wait_workers(workers)
     store = Store(runs_dir, create=False)
     report = build_report(store, dataset="synthetic", preset="smoke")
     store.close()
@@ -253,7 +284,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kdlab` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = ["kdlab", *argv]
     try:
         return COMMANDS[args.command](args)
     except UserError as e:

@@ -26,7 +26,7 @@ PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 # Fields that say where things are or how they are shown, not what is computed: kept out of the hash.
-_LOCATION_FIELDS = ("data_dir", "device", "teacher_path")
+_LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads")
 
 
 @dataclass
@@ -67,6 +67,7 @@ class Config:
     compile: str = "none"
     eval_batch_size: int = 1000
     device: str = "auto"
+    threads: int = 0  # CPU threads for torch (0: torch's default); tiny models run best on 1
     seed: int = 0
 
     def run_hash(self) -> str:
@@ -95,7 +96,7 @@ _FAST = dict(epochs=40, batch_size=512, lr=0.2, momentum=0.9, nesterov=True, wei
 # Seconds on a CPU: tiny data, two epochs. Widths are set by the caller (train: 1/8 by default).
 _SMOKE = dict(epochs=2, batch_size=64, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
               scheduler="onecycle", warmup=0.2, train_limit=2000, test_limit=500, precision="fp32",
-              channels_last=False, compile="none", eval_batch_size=500)
+              channels_last=False, compile="none", eval_batch_size=500, threads=1)
 
 # Widths the grid (and `kdlab train` under smoke) uses for teachers and students.
 PRESET_WIDTHS = {"paper": (1.0, 0.5), "fast": (1.0, 0.5), "smoke": (0.125, 0.0625)}
@@ -232,6 +233,7 @@ def validate(cfg: Config) -> None:
         (cfg.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}"),
         (all(0 < m < 1 for m in cfg.milestones), "milestones are fractions of the epochs, each in (0, 1)"),
         (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),
+        (cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}"),
     ]
     for ok, message in checks:
         if not ok:

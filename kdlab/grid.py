@@ -9,6 +9,8 @@ one runs directory: each run is claimed in a database transaction, so none runs 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,7 +112,7 @@ def states(runs: list[PlannedRun], store: Any | None) -> list[str]:
 
 
 def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True, silent: bool = False,
-             log: Any = print) -> dict[str, int]:
+             log: Any = print, dataset: Any = None) -> dict[str, int]:
     """Run every planned run not yet done; returns counts of what happened.
 
     Runs whose teacher another process is still training wait for it; a run another live
@@ -124,7 +126,7 @@ def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True
 
     if not runs:
         return {}
-    dataset = load_dataset(runs[0].cfg.dataset, runs[0].cfg.data_dir)
+    dataset = dataset or load_dataset(runs[0].cfg.dataset, runs[0].cfg.data_dir)
     store = Store(runs_dir)
     teachers: dict[str, Teacher] = {}
     counts = {"trained": 0, "skipped": 0, "failed": 0, "busy": 0}
@@ -172,6 +174,21 @@ def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True
     finally:
         store.close()
     return counts
+
+
+def spawn_workers(count: int, grid_args: list[str]) -> list[subprocess.Popen]:
+    """Start `count` more `kdlab grid` processes on the same runs directory.
+
+    They share the work through the store's claims: on a CPU each uses a core, on a GPU several
+    small models train at once (at CIFAR sizes one process leaves the GPU mostly idle).
+    """
+    command = [sys.executable, "-m", "kdlab.cli", "grid", *grid_args, "--workers", "1", "--quiet"]
+    return [subprocess.Popen(command, stdout=subprocess.DEVNULL) for _ in range(count)]
+
+
+def wait_workers(workers: list[subprocess.Popen]) -> int:
+    """Wait for spawned workers; the number that failed."""
+    return sum(w.wait() != 0 for w in workers)
 
 
 def _device(cfg: Config) -> Any:

@@ -75,6 +75,9 @@ def lr_factor(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> float
 def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None) -> Setup:
     """Data loaders, student, method and optimiser for a config."""
     device = resolve_device(cfg.device)
+    if cfg.threads and device.type == "cpu":
+        # Tiny convolutions gain nothing from intra-op threads, and lose badly when a core is busy.
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     student = create_model(cfg.model, cfg.width, dataset.num_classes).to(device, memory_format=memory_format)

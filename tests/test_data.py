@@ -452,3 +452,8 @@ def test_jpeg_copy_of_cifar10(tmp_path: Path) -> None:
     ds = load_dataset("cifar10", tmp_path, download=False)
     assert len(ds.train) == 50000 and len(ds.test) == 10000
     assert ds.classes[0] == "airplane" and np.bincount(ds.train.labels).tolist() == [5000] * 10
+
+
+def test_synthetic_rejects_bad_sizes(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="n_train >= 5"):
+        write_synthetic_cifar(tmp_path, n_train=2)
