@@ -118,13 +118,24 @@ def load_teacher(spec: str | Path, runs_dir: Path, model_name: str | None = None
     path = Path(spec)
     if path.is_file():
         return _teacher_from_file(path, model_name, width)
+    run_part, _, epoch_part = str(spec).partition("@")
+    if epoch_part and not epoch_part.isdigit():
+        raise UserError(f"teacher {spec!r}: after '@' comes an epoch number (RUN@EPOCH, an early-stopped teacher)")
     if not (runs_dir / DB_NAME).exists():
         raise UserError(f"teacher {spec!r} is neither a checkpoint file nor a run (no runs database in {runs_dir})")
     store = Store(runs_dir, create=False)
-    record = store.find(str(spec))
+    record = store.find(run_part)
     store.close()
     if record is None:
         raise UserError(f"teacher {spec!r} is neither a checkpoint file nor a run in {runs_dir}")
+    if epoch_part:
+        # ESKD: a snapshot taken before the teacher finished (kept with --set snapshots=[E]).
+        snapshot = store.checkpoint_path(record.run_id, int(epoch_part))
+        if not snapshot.exists():
+            raise UserError(f"run {record.run_id} kept no snapshot after epoch {epoch_part}: train the teacher "
+                            f"with --set snapshots=[{epoch_part}]")
+        model, _, _ = _teacher_from_file(snapshot, model_name, width)
+        return model, f"{record.run_id}@{epoch_part}", snapshot
     if record.status != "done" or record.checkpoint is None:
         raise UserError(f"teacher run {record.run_id} is not finished (status {record.status}): train it first")
     model, _, ckpt_path = _teacher_from_file(Path(record.checkpoint), model_name, width)

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--students", default=",".join(PAPER_MODELS), help="comma-separated student models (half width)")
     p.add_argument("--methods", default="kd", help="comma-separated distillation methods (default kd)")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every run (default 1)")
+    p.add_argument("--method-arg", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method's own hyperparameter, e.g. dkd.beta=8 (repeatable)")
+    p.add_argument("--assistants", default="",
+                   help="TAKD: comma-separated MODEL@WIDTH assistants (width relative to the teachers')")
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and their state, run nothing")
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the grid (default 1); on a CPU one per core, on a GPU a few")
@@ -202,7 +206,8 @@ def _grid(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in _overrides(args, {}).items() if k not in ("dataset", "data_dir")}
     spec = GridSpec(teachers=_csv(args.teachers), students=_csv(args.students), seeds=args.seeds,
                     preset=args.preset, methods=_csv(args.methods), dataset=args.dataset, data_dir=args.data_dir,
-                    config=args.config, overrides={k: v for k, v in overrides.items() if v is not None})
+                    config=args.config, overrides={k: v for k, v in overrides.items() if v is not None},
+                    method_args=_grid_method_args(args.method_arg), assistants=_csv(args.assistants))
     runs = plan(spec)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     if args.dry_run:
@@ -220,6 +225,17 @@ def _grid(args: argparse.Namespace) -> int:
     failed_workers = wait_workers(workers)
     print(", ".join(f"{n} {k}" for k, n in counts.items()))
     return 0 if counts.get("failed", 0) == 0 and not failed_workers else 1
+
+
+def _grid_method_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or not method or not name:
+            raise UserError(f"--method-arg takes METHOD.KEY=VALUE, got {item!r}")
+        out.setdefault(method.strip(), {})[name.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _without_workers(argv: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 # Fields that say where things are or how they are shown, not what is computed: kept out of the hash.
-_LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads")
+_LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots")
 
 
 @dataclass
@@ -68,6 +68,7 @@ class Config:
     eval_batch_size: int = 1000
     device: str = "auto"
     threads: int = 0  # CPU threads for torch (0: torch's default); tiny models run best on 1
+    snapshots: list[int] = field(default_factory=list)  # also keep the weights after these epochs (ESKD teachers)
     seed: int = 0
 
     def run_hash(self) -> str:
@@ -234,6 +235,7 @@ def validate(cfg: Config) -> None:
         (all(0 < m < 1 for m in cfg.milestones), "milestones are fractions of the epochs, each in (0, 1)"),
         (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),
         (cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}"),
+        (all(1 <= e <= cfg.epochs for e in cfg.snapshots), f"snapshots are epochs in 1..{cfg.epochs}"),
     ]
     for ok, message in checks:
         if not ok:

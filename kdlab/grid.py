@@ -29,7 +29,7 @@ POLL_S = 5.0
 class PlannedRun:
     """One run of the grid: its role, config and the run it depends on."""
 
-    role: str  # teacher | student | distill
+    role: str  # teacher | student | assistant | distill
     cfg: Config
     depends_on: str | None = None  # the teacher's run id
     label: str = ""
@@ -52,6 +52,8 @@ class GridSpec:
     data_dir: str | None = None
     config: str | Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method
+    assistants: Sequence[str] = ()  # TAKD chains: MODEL@WIDTH between each teacher and the students
 
 
 def plan(spec: GridSpec) -> list[PlannedRun]:
@@ -65,6 +67,12 @@ def plan(spec: GridSpec) -> list[PlannedRun]:
     def make(model: str, width: float, seed: int, **extra: Any) -> Config:
         return build_config(spec.preset, model, file_values, {**base, "width": width, "seed": seed, **extra})
 
+    from kdlab.methods import METHODS
+
+    def method_cfg(student: str, seed: int, method: str, teacher: str | None) -> Config:
+        args = spec.method_args.get(method, {})
+        return make(student, student_width, seed, method=method, teacher=teacher, method_args=args)
+
     runs: list[PlannedRun] = []
     for seed in range(spec.seeds):
         teachers = {}
@@ -75,14 +83,50 @@ def plan(spec: GridSpec) -> list[PlannedRun]:
         for s in spec.students:
             runs.append(PlannedRun("student", make(s, student_width, seed), label=f"{s}_half s{seed}"))
         for method in spec.methods:
+            if not METHODS[method].needs_teacher_for(method_cfg(spec.students[0], seed, method, "x")):
+                # Online and self distillation: no separate teacher, one run per student.
+                for s in spec.students:
+                    runs.append(PlannedRun("distill", method_cfg(s, seed, method, None),
+                                           label=f"{s}_half {method} s{seed}"))
+                continue
             for t in spec.teachers:
                 for s in spec.students:
-                    cfg = make(s, student_width, seed, method=method, teacher=teachers[t])
-                    runs.append(PlannedRun("distill", cfg, depends_on=teachers[t],
-                                           label=f"{s}_half <- {t} {method} s{seed}"))
+                    runs.append(PlannedRun("distill", method_cfg(s, seed, method, teachers[t]),
+                                           depends_on=teachers[t], label=f"{s}_half <- {t} {method} s{seed}"))
+        for assistant in spec.assistants:
+            runs += _takd_chain(spec, assistant, seed, teachers, make, student_width)
     # Teachers of every seed first, so a second process finds distillation work sooner.
-    order = {"teacher": 0, "student": 1, "distill": 2}
-    return sorted(runs, key=lambda r: order[r.role])
+    order = {"teacher": 0, "student": 1, "assistant": 2, "distill": 3}
+    unique = {}
+    for r in sorted(runs, key=lambda r: order[r.role]):
+        unique.setdefault(r.run_id, r)  # a TAKD assistant can be the same run as a distilled student
+    return list(unique.values())
+
+
+def parse_assistant(text: str) -> tuple[str, float]:
+    """'resnet18@0.75' -> ('resnet18', 0.75): a TAKD assistant's model and width, relative to the
+    preset's teacher width (1.0 under paper and fast, so then it is the width itself)."""
+    name, _, width = text.partition("@")
+    try:
+        return name, float(width) if width else 1.0
+    except ValueError:
+        raise UserError(f"assistant {text!r}: write MODEL@WIDTH, e.g. resnet18@0.75") from None
+
+
+def _takd_chain(spec: GridSpec, assistant: str, seed: int, teachers: dict[str, str], make: Any,
+                student_width: float) -> list[PlannedRun]:
+    """TAKD (Mirzadeh et al. 2020): teacher -> assistant -> student, each link plain KD."""
+    name, relative = parse_assistant(assistant)
+    width = relative * PRESET_WIDTHS[spec.preset][0]
+    out = []
+    for t, teacher_id in teachers.items():
+        a_cfg = make(name, width, seed, method="kd", teacher=teacher_id)
+        out.append(PlannedRun("assistant", a_cfg, depends_on=teacher_id, label=f"{name}@{width:g} <- {t} kd s{seed}"))
+        for s in spec.students:
+            cfg = make(s, student_width, seed, method="kd", teacher=a_cfg.run_hash())
+            out.append(PlannedRun("distill", cfg, depends_on=a_cfg.run_hash(),
+                                  label=f"{s}_half <- {name}@{width:g} <- {t} takd s{seed}"))
+    return out
 
 
 def _check_spec(spec: GridSpec) -> None:
@@ -98,8 +142,29 @@ def _check_spec(spec: GridSpec) -> None:
         if m not in METHODS or m == "ce":
             choices = ", ".join(sorted(k for k in METHODS if k != "ce"))
             raise UserError(f"unknown distillation method {m!r} in --methods: choose from {choices}")
+    unknown_args = set(spec.method_args) - set(spec.methods)
+    if unknown_args:
+        raise UserError(f"--method-arg for {sorted(unknown_args)[0]!r}, which is not in --methods")
+    for assistant in spec.assistants:
+        name, width = parse_assistant(assistant)
+        if name not in known:
+            raise UserError(f"unknown assistant model {name!r}: choose from {', '.join(known)}")
+        if width <= 0:
+            raise UserError(f"assistant {assistant!r}: width must be > 0")
+        _warn_if_larger(name, width, spec.teachers)
     if spec.preset not in PRESET_WIDTHS:
         raise UserError(f"unknown preset {spec.preset!r}: choose one of {', '.join(PRESET_WIDTHS)}")
+
+
+def _warn_if_larger(name: str, width: float, teachers: Sequence[str]) -> None:
+    """A TAKD assistant larger than its teacher is allowed (it is an experiment), but worth a word."""
+    from kdlab.models import create_model, paper_params
+
+    size = paper_params(create_model(name, width))
+    for t in teachers:
+        if size > paper_params(create_model(t, 1.0)):
+            print(f"kdlab: warning: assistant {name}@{width:g} ({size:,} params) is larger than teacher {t}",
+                  file=sys.stderr)
 
 
 def states(runs: list[PlannedRun], store: Any | None) -> list[str]:
@@ -157,10 +222,10 @@ def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True
                     teacher = teachers[r.depends_on]
                     teacher.model.to(_device(r.cfg))
                     r.cfg.teacher_path = dep.checkpoint
-                log(f"run {r.run_id[:8]} {r.label}")
                 try:
                     result = run_training(r.cfg, store, teacher=teacher, dataset=dataset, quiet=quiet,
-                                          silent=silent, label=r.label)
+                                          silent=silent, label=r.label,
+                                          on_claim=lambda r=r: log(f"run {r.run_id[:8]} {r.label}"))
                 except RunBusy:
                     waiting.append(r)
                     continue

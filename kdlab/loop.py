@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -104,7 +105,7 @@ def compile_module(module: nn.Module, mode: str) -> nn.Module:
 
 def run(cfg: Config, store: Store, *, teacher: Teacher | None = None, teacher_model: nn.Module | None = None,
         dataset: Dataset | None = None, quiet: bool = False, silent: bool = False,
-        label: str | None = None) -> RunRecord:
+        label: str | None = None, on_claim: Callable[[], None] | None = None) -> RunRecord:
     """Train (or resume, or just return) the run `cfg` describes, recording it in `store`."""
     run_id = cfg.run_hash()
     store.ensure(run_id, cfg.to_dict(), label)
@@ -117,6 +118,8 @@ def run(cfg: Config, store: Store, *, teacher: Teacher | None = None, teacher_mo
         return store.get(run_id)
     if state == "busy":
         raise RunBusy(f"run {run_id} is being trained by another live process: wait for it, or stop that process")
+    if on_claim is not None:
+        on_claim()
     try:
         with Heartbeat(store, run_id, owner):
             dataset = dataset or load_dataset(cfg.dataset, cfg.data_dir)
@@ -155,6 +158,8 @@ def _train(cfg: Config, store: Store, run_id: str, dataset: Dataset, teacher: Te
                    "time_s": time.perf_counter() - t0}
         history.append(metrics)
         _checkpoint(store, run_id, cfg, s, epoch + 1, history, elapsed, timer.collect())
+        if epoch + 1 in cfg.snapshots:
+            store.save_snapshot(run_id, epoch + 1)
         store.record_epoch(run_id, epoch + 1, metrics)
         progress.epoch_done(epoch + 1, metrics)
     best = max(range(len(history)), key=lambda i: history[i]["test_acc"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import threading
@@ -129,11 +130,13 @@ class Store:
             raise UserError(f"runs directory {self.root} is not writable: choose another with --runs-dir")
         self._conn = self._connect()
         self._check_schema()
+        # WAL only once the file is known to be ours: switching rewrites the header of a foreign file.
+        # In WAL mode readers never block the writer and a killed writer leaves the database whole.
+        self._conn.execute("PRAGMA journal_mode=WAL")
 
     def _connect(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path} is not a usable kdlab database ({e}): move it away or use "
@@ -286,8 +289,17 @@ class Store:
 
     # ---- checkpoints --------------------------------------------------------------------------
 
-    def checkpoint_path(self, run_id: str) -> Path:
-        return self.root / "checkpoints" / f"{run_id}.pt"
+    def checkpoint_path(self, run_id: str, epoch: int | None = None) -> Path:
+        """The run's latest checkpoint, or its snapshot after `epoch` (kept when asked for)."""
+        suffix = "" if epoch is None else f"@{epoch}"
+        return self.root / "checkpoints" / f"{run_id}{suffix}.pt"
+
+    def save_snapshot(self, run_id: str, epoch: int) -> None:
+        """Keep a copy of the checkpoint just written, as it stands after `epoch`."""
+        src, dst = self.checkpoint_path(run_id), self.checkpoint_path(run_id, epoch)
+        tmp = dst.with_suffix(f".tmp{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
 
     def save_checkpoint(self, run_id: str, state: dict[str, Any]) -> None:
         """Write atomically: a temporary file, flushed to disk, then renamed over the old one."""

@@ -81,6 +81,7 @@ def check_loaded(ds: Dataset, arrays: tuple) -> None:
     assert np.array_equal(ds.train.images, train_x) and np.array_equal(ds.train.labels, train_y)
     assert np.array_equal(ds.test.images, test_x) and np.array_equal(ds.test.labels, test_y)
     assert ds.train.images.dtype == np.uint8 and ds.train.labels.dtype == np.int64
+    assert ds.train.images.flags.c_contiguous and ds.test.images.flags.c_contiguous
 
 
 @pytest.fixture

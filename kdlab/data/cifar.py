@@ -170,7 +170,7 @@ def _read_classes(layout: Layout, root: Path, remedy: str) -> list[str]:
 
 
 def _read_batch(path: Path, layout: Layout, num_classes: int, remedy: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, S, S, 3) and labels of one batch file, with every check a damaged file could fail."""
+    """Rows (N, 3*S*S) and labels of one batch file, with every check a damaged file could fail."""
     entry = _load_pickle(path, remedy)
     data, labels = entry.get("data"), entry.get(layout.label_key)
     if not isinstance(data, np.ndarray) or labels is None:
@@ -186,19 +186,18 @@ def _read_batch(path: Path, layout: Layout, num_classes: int, remedy: str) -> tu
     if labels.min() < 0 or labels.max() >= num_classes:
         raise UserError(f"{path}: labels must lie in 0..{num_classes - 1}, found "
                         f"{labels.min()}..{labels.max()}; {remedy}")
-    # Rows are the R, G and B planes one after the other: (N, 3, S, S) -> HWC.
-    images = data.reshape(-1, 3, side, side).transpose(0, 2, 3, 1)
-    return images, labels.astype(np.int64)
+    return data, labels.astype(np.int64)
 
 
 def _read_split(paths: list[Path], layout: Layout, num_classes: int, remedy: str) -> Split:
     parts = [_read_batch(p, layout, num_classes, remedy) for p in paths]
-    shapes = {images.shape[1:] for images, _ in parts}
-    if len(shapes) > 1:
-        raise UserError(f"the batch files in {paths[0].parent} hold images of different sizes "
-                        f"{sorted(shapes)}; {remedy}")
-    # concatenate also makes the transposed views contiguous.
-    images = np.concatenate([images for images, _ in parts])
+    widths = {rows.shape[1] for rows, _ in parts}
+    if len(widths) > 1:
+        raise UserError(f"the batch files in {paths[0].parent} hold images of different sizes; {remedy}")
+    rows = np.concatenate([rows for rows, _ in parts])
+    side = math.isqrt(rows.shape[1] // 3)
+    # Each row is the R, G and B planes one after the other: (N, 3, S, S) -> contiguous (N, S, S, 3).
+    images = np.ascontiguousarray(rows.reshape(-1, 3, side, side).transpose(0, 2, 3, 1))
     return Split(images, np.concatenate([labels for _, labels in parts]))
 
 

@@ -128,7 +128,8 @@ def file_signature(paths: list[Path], base: Path) -> tuple[np.ndarray, np.ndarra
 def read_cache(path: Path, signature: tuple[np.ndarray, np.ndarray]) -> tuple[Split, Split, list[str]] | None:
     """Return the cached splits and classes, or None if the cache is missing, stale or unreadable."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        # Open the file ourselves: np.load leaks its handle when the zip is damaged.
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
             if int(npz["version"]) != CACHE_VERSION:
                 return None
             names, stats = signature

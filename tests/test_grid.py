@@ -1,0 +1,137 @@
+"""The study grid: planning, skip/resume, two processes on one runs dir, bad input, the demo's report."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kdlab.cli import main
+from kdlab.grid import GridSpec, plan, run_grid
+from kdlab.store import Store
+
+TINY_GRID = ["--preset", "smoke", "--dataset", "synthetic", "--epochs", "1", "--set", "train_limit=128",
+             "--set", "test_limit=64", "--batch-size", "64"]
+
+
+def test_plan_is_the_paper_grid_in_dependency_order():
+    runs = plan(GridSpec(seeds=2, preset="smoke", dataset="synthetic"))
+    assert len(runs) == 30
+    roles = [r.role for r in runs]
+    assert roles == sorted(roles, key=["teacher", "student", "assistant", "distill"].index)
+    by_id = {r.run_id: r for r in runs}
+    distill = [r for r in runs if r.role == "distill"]
+    assert len(distill) == 18
+    for r in distill:
+        teacher = by_id[r.depends_on]
+        assert teacher.role == "teacher" and teacher.cfg.seed == r.cfg.seed  # KD uses the same seed's teacher
+        assert r.cfg.teacher == teacher.run_id and r.cfg.width == 0.0625 and teacher.cfg.width == 0.125
+    assert len(by_id) == 30  # every run distinct
+
+
+def test_plan_methods_without_teacher_and_takd_chains():
+    runs = plan(GridSpec(teachers=["resnet18"], students=["vgg16"], preset="smoke", methods=["kd", "dml"],
+                         assistants=["resnet18@0.75"]))
+    labels = [r.label for r in runs]
+    assert "vgg16_half dml s0" in labels and [r for r in runs if r.cfg.method == "dml"][0].cfg.teacher is None
+    assistant = next(r for r in runs if r.role == "assistant")
+    chained = [r for r in runs if r.depends_on == assistant.run_id]
+    assert len(chained) == 1 and chained[0].cfg.teacher == assistant.run_id
+    assert assistant.cfg.width == pytest.approx(0.75 * 0.125)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teachers", "resnet18,alexnet"], "unknown model 'alexnet'"),
+    (["--students", "mobilenet"], "unknown model 'mobilenet'"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--methods", "kd,telepathy"], "unknown distillation method 'telepathy'"),
+    (["--method-arg", "dkd.beta=2"], "not in --methods"),
+])
+def test_bad_grid_input(tmp_path, capsys, args, message):
+    code = main(["grid", *args, "--runs-dir", str(tmp_path / "runs"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runs_dir_problems_are_clear(tmp_path, capsys, synthetic_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["grid", *TINY_GRID, "--data-dir", str(synthetic_dir), "--runs-dir", str(blocker)]) == 2
+    assert "cannot create runs directory" in capsys.readouterr().err
+    old = tmp_path / "old"
+    old.mkdir()
+    with sqlite3.connect(old / "kdlab.db") as c:
+        c.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        c.execute("INSERT INTO meta VALUES ('schema_version', '99')")
+    before = (old / "kdlab.db").read_bytes()
+    assert main(["grid", *TINY_GRID, "--data-dir", str(synthetic_dir), "--runs-dir", str(old)]) == 2
+    assert "incompatible" in capsys.readouterr().err
+    assert (old / "kdlab.db").read_bytes() == before
+    assert main(["report", "--runs-dir", str(tmp_path / "nothing")]) == 2
+    assert "no kdlab runs database" in capsys.readouterr().err
+
+
+def _grid_args(synthetic_dir, runs_dir) -> list[str]:
+    return ["grid", "--teachers", "resnet18,vgg16", "--students", "vgg16", *TINY_GRID, "--data-dir",
+            str(synthetic_dir), "--runs-dir", str(runs_dir), "--quiet"]
+
+
+def test_grid_runs_skips_and_resumes(tmp_path, synthetic_dir, capsys):
+    runs_dir = tmp_path / "runs"
+    assert main(_grid_args(synthetic_dir, runs_dir)) == 0
+    assert "5 trained" in capsys.readouterr().out
+    store = Store(runs_dir)
+    assert len(store.runs("done")) == 5
+    # A run interrupted mid-way (its claim left by a dead process) is taken over and finished.
+    victim = store.runs()[-1]
+    store.truncate_epochs(victim.run_id, 0)
+    with store.transaction() as c:
+        c.execute("UPDATE runs SET status='running', owner=?, heartbeat=? WHERE run_id=?",
+                  (f"{socket.gethostname()}:999999:dead", time.time(), victim.run_id))
+    assert main(_grid_args(synthetic_dir, runs_dir)) == 0
+    out = capsys.readouterr().out
+    assert "1 trained" in out and "4 skipped" in out
+    assert store.get(victim.run_id).status == "done"
+    code = main([*_grid_args(synthetic_dir, runs_dir), "--dry-run"])
+    assert code == 0 and capsys.readouterr().out.count(" done ") == 5
+
+
+def test_two_processes_never_run_the_same_run(tmp_path, synthetic_dir):
+    runs_dir = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "kdlab.cli", *_grid_args(synthetic_dir, runs_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    started = [{line.split()[1] for line in err.splitlines() if line.startswith("run ")} for _, err in outputs]
+    assert not started[0] & started[1]  # no run was trained by both
+    assert len(started[0] | started[1]) == 5
+    store = Store(runs_dir)
+    assert all(r.status == "done" and len(r.history) == 1 for r in store.runs())
+
+
+def test_report_formats_over_a_partial_grid(tmp_path, synthetic_dir, capsys):
+    runs_dir = tmp_path / "runs"
+    runs = plan(GridSpec(teachers=["resnet18"], students=["resnet18", "vgg16"], preset="smoke",
+                         dataset="synthetic", data_dir=str(synthetic_dir),
+                         overrides={"epochs": 1, "train_limit": 128, "test_limit": 64}))
+    run_grid(runs[:-1], runs_dir, silent=True, log=lambda m: None)  # the last KD run is missing
+    for fmt in ("md", "csv", "latex"):
+        assert main(["report", "--runs-dir", str(runs_dir), "--format", fmt]) == 0
+        assert capsys.readouterr().out.strip()
+    assert main(["report", "--runs-dir", str(runs_dir), "--format", "json", "--compare-paper",
+                 "--out", str(tmp_path / "out")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    cells = data["studies"][0]["cells"]
+    assert len(cells) == 1
+    assert {"teacher", "student", "acc", "acc_gain", "time_s", "compression"} <= cells[0].keys()
+    assert data["studies"][0]["missing"]
+    assert any(p.suffix == ".png" for p in (tmp_path / "out").iterdir())
