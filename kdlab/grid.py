@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config import PRESET_WIDTHS, Config, build_config, load_yaml
-from kdlab.errors import RunBusy, UserError
+from kdlab.errors import UserError
+from kdlab.loop import loader_key, run_group
 from kdlab.models import list_models
 
 PAPER_MODELS = ("vgg16", "resnet18", "densenet121")
@@ -180,65 +181,89 @@ def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True
              log: Any = print, dataset: Any = None) -> dict[str, int]:
     """Run every planned run not yet done; returns counts of what happened.
 
-    Runs whose teacher another process is still training wait for it; a run another live
-    process holds is left to it. Failed runs are not retried (their error is in the store).
+    The students of one teacher train side by side (one group, one loader, one teacher forward
+    per batch for all of them). Runs whose teacher another process is still training wait for
+    it; a run another live process holds is left to it. Failed runs are not retried.
     """
-    from kdlab.api import load_teacher
     from kdlab.data import load_dataset
-    from kdlab.loop import run as run_training
     from kdlab.store import Store
-    from kdlab.teacher import Teacher
 
     if not runs:
         return {}
     dataset = dataset or load_dataset(runs[0].cfg.dataset, runs[0].cfg.data_dir)
     store = Store(runs_dir)
-    teachers: dict[str, Teacher] = {}
-    counts = {"trained": 0, "skipped": 0, "failed": 0, "busy": 0}
+    teachers: dict[str, Any] = {}
+    counts = {"trained": 0, "skipped": 0, "failed": 0}
     pending = list(runs)
     try:
         while pending:
-            progressed, waiting = False, []
-            for r in pending:
-                rec = store.get(r.run_id)
-                if rec is not None and rec.status in ("done", "failed"):
-                    counts["skipped" if rec.status == "done" else "failed"] += 1
-                    progressed = True
-                    continue
-                teacher = None
-                if r.depends_on:
-                    dep = store.get(r.depends_on)
-                    if dep is None or dep.status != "done":
-                        if dep is not None and dep.status == "failed":
-                            log(f"skip {r.label}: its teacher run {r.depends_on} failed")
-                            counts["failed"] += 1
-                            progressed = True
-                        else:
-                            waiting.append(r)
+            ready, waiting, progressed = _sort_pending(pending, store, counts, log)
+            for group in _groups(ready):
+                specs = [(r.cfg, _teacher(r, store, runs_dir, teachers), r.label) for r in group]
+                records = run_group(specs, store, dataset=dataset, quiet=quiet, silent=silent,
+                                    on_claim=lambda run_id, label: log(f"run {run_id[:8]} {label}"))
+                for r in group:
+                    rec = records[r.run_id]
+                    if rec is None:
+                        waiting.append(r)  # another live process has it
                         continue
-                    if r.depends_on not in teachers:
-                        model, _, _ = load_teacher(r.depends_on, Path(runs_dir))
-                        teachers[r.depends_on] = Teacher(model, run_id=r.depends_on)
-                    teacher = teachers[r.depends_on]
-                    teacher.model.to(_device(r.cfg))
-                    r.cfg.teacher_path = dep.checkpoint
-                try:
-                    result = run_training(r.cfg, store, teacher=teacher, dataset=dataset, quiet=quiet,
-                                          silent=silent, label=r.label,
-                                          on_claim=lambda r=r: log(f"run {r.run_id[:8]} {r.label}"))
-                except RunBusy:
-                    waiting.append(r)
-                    continue
-                counts["trained" if result.status == "done" else "failed"] += 1
-                if result.status == "failed":
-                    log(f"failed {r.label}: {result.error}")
-                progressed = True
+                    progressed = True
+                    counts["trained" if rec.status == "done" else "failed"] += 1
+                    if rec.status == "failed":
+                        log(f"failed {r.label}: {rec.error}")
             pending = waiting
             if pending and not progressed:
                 time.sleep(POLL_S)  # another process holds what is left; wait for it
     finally:
         store.close()
     return counts
+
+
+def _sort_pending(pending: list[PlannedRun], store: Any, counts: dict[str, int],
+                  log: Any) -> tuple[list[PlannedRun], list[PlannedRun], bool]:
+    """Split pending runs into ready ones and ones that wait for their teacher; count the finished."""
+    ready, waiting, progressed = [], [], False
+    for r in pending:
+        rec = store.get(r.run_id)
+        if rec is not None and rec.status in ("done", "failed"):
+            counts["skipped" if rec.status == "done" else "failed"] += 1
+            progressed = True
+            continue
+        dep = store.get(r.depends_on) if r.depends_on else None
+        if r.depends_on and (dep is None or dep.status != "done"):
+            if dep is not None and dep.status == "failed":
+                log(f"skip {r.label}: its teacher run {r.depends_on} failed")
+                counts["failed"] += 1
+                progressed = True
+            else:
+                waiting.append(r)
+            continue
+        ready.append(r)
+    return ready, waiting, progressed
+
+
+def _groups(ready: list[PlannedRun]) -> list[list[PlannedRun]]:
+    """Runs distilled from the same teacher on the same batches train together; others alone
+    (so that several processes on one grid still share the work)."""
+    groups: dict[Any, list[PlannedRun]] = {}
+    for r in ready:
+        key = (loader_key(r.cfg), r.depends_on) if r.depends_on else r.run_id
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def _teacher(r: PlannedRun, store: Any, runs_dir: str | Path, cache: dict[str, Any]) -> Any:
+    """The run's teacher, loaded once per grid and moved to the run's device."""
+    from kdlab.api import load_teacher
+    from kdlab.teacher import Teacher
+
+    if not r.depends_on:
+        return None
+    if r.depends_on not in cache:
+        model, _, path = load_teacher(r.depends_on, Path(runs_dir))
+        cache[r.depends_on] = Teacher(model.to(_device(r.cfg)), run_id=r.depends_on)
+    r.cfg.teacher_path = store.get(r.depends_on).checkpoint
+    return cache[r.depends_on]
 
 
 def spawn_workers(count: int, grid_args: list[str]) -> list[subprocess.Popen]:

@@ -13,11 +13,11 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from kdlab.config import Config
 from kdlab.data import load_dataset
@@ -73,8 +73,25 @@ def lr_factor(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> float
     return max(0.0, (1.0 - progress) / (1.0 - cfg.warmup))
 
 
-def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None) -> Setup:
-    """Data loaders, student, method and optimiser for a config."""
+def loader_key(cfg: Config) -> tuple:
+    """Runs with equal keys see identical batches, so they can train side by side on one loader."""
+    return (cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.test_limit, cfg.batch_size, cfg.eval_batch_size,
+            cfg.seed, cfg.augment, cfg.channels_last, cfg.precision, cfg.device)
+
+
+def build_loaders(cfg: Config, dataset: Dataset, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
+    """The training and test loaders a config asks for (shared by every run with its loader_key)."""
+    mean, std = channel_stats(dataset.train.images)
+    common = dict(mean=mean, std=std, channels_last=cfg.channels_last, seed=cfg.seed)
+    train = DeviceLoader(dataset.train, cfg.batch_size, device, train=True, augment=cfg.augment,
+                         limit=cfg.train_limit, **common)
+    test = DeviceLoader(dataset.test, cfg.eval_batch_size, device, train=False, limit=cfg.test_limit, **common)
+    return train, test
+
+
+def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None,
+          loaders: tuple[DeviceLoader, DeviceLoader] | None = None) -> Setup:
+    """Student, method, optimiser (and loaders, unless given) for a config."""
     device = resolve_device(cfg.device)
     if cfg.threads and device.type == "cpu":
         # Tiny convolutions gain nothing from intra-op threads, and lose badly when a core is busy.
@@ -86,11 +103,7 @@ def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None) -> Set
     params = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                 weight_decay=cfg.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
-    mean, std = channel_stats(dataset.train.images)
-    common = dict(mean=mean, std=std, channels_last=cfg.channels_last, seed=cfg.seed)
-    train_loader = DeviceLoader(dataset.train, cfg.batch_size, device, train=True, augment=cfg.augment,
-                                limit=cfg.train_limit, **common)
-    test_loader = DeviceLoader(dataset.test, cfg.eval_batch_size, device, train=False, limit=cfg.test_limit, **common)
+    train_loader, test_loader = loaders or build_loaders(cfg, dataset, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
     return Setup(device, student, compile_module(student, cfg.compile), method, optimizer, train_loader,
                  test_loader, autocast)
@@ -103,111 +116,217 @@ def compile_module(module: nn.Module, mode: str) -> nn.Module:
     return torch.compile(module, mode=None if mode == "default" else mode)
 
 
+@dataclass
+class Job:
+    """One run inside a group that trains side by side: its setup, history and running sums."""
+
+    cfg: Config
+    run_id: str
+    teacher: Teacher | None
+    label: str
+    s: Setup | None = None
+    timer: SegmentTimer | None = None
+    progress: Progress | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+    start_epoch: int = 0
+    alive: bool = True
+    sums: dict[str, Any] = field(default_factory=dict)
+
+    def active(self, epoch: int) -> bool:
+        return self.alive and self.start_epoch <= epoch < self.cfg.epochs
+
+
 def run(cfg: Config, store: Store, *, teacher: Teacher | None = None, teacher_model: nn.Module | None = None,
         dataset: Dataset | None = None, quiet: bool = False, silent: bool = False,
         label: str | None = None, on_claim: Callable[[], None] | None = None) -> RunRecord:
     """Train (or resume, or just return) the run `cfg` describes, recording it in `store`."""
-    run_id = cfg.run_hash()
-    store.ensure(run_id, cfg.to_dict(), label)
-    existing = store.get(run_id)
-    if existing is not None and existing.status == "done":
-        return existing
+    if teacher is None and teacher_model is not None:
+        teacher = Teacher(teacher_model)
+    records = run_group([(cfg, teacher, label)], store, dataset=dataset, quiet=quiet, silent=silent,
+                        on_claim=(lambda _id, _label: on_claim()) if on_claim else None)
+    record = records[cfg.run_hash()]
+    if record is None:
+        raise RunBusy(f"run {cfg.run_hash()} is being trained by another live process: wait for it, or stop "
+                      "that process")
+    return record
+
+
+def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Store, *,
+              dataset: Dataset | None = None, quiet: bool = False, silent: bool = False,
+              on_claim: Callable[[str, str], None] | None = None) -> dict[str, RunRecord | None]:
+    """Train several runs side by side on one loader: each batch is made once, and a teacher
+    serving several students runs once per batch for all of them (issue: KD almost free).
+
+    All runs must share `loader_key`. Returns each run's record (None: another process holds it).
+    Finished runs are returned as they are; interrupted ones resume from their checkpoints.
+    """
+    keys = {loader_key(cfg) for cfg, _, _ in specs}
+    if len(keys) > 1:
+        raise ValueError("runs of one group must share their loader settings (loader_key)")
+    out: dict[str, RunRecord | None] = {}
     owner = owner_id()
-    state = store.claim(run_id, owner)
-    if state == "done":
-        return store.get(run_id)
-    if state == "busy":
-        raise RunBusy(f"run {run_id} is being trained by another live process: wait for it, or stop that process")
-    if on_claim is not None:
-        on_claim()
+    jobs = []
+    for cfg, teacher, label in specs:
+        run_id = cfg.run_hash()
+        store.ensure(run_id, cfg.to_dict(), label)
+        state = store.claim(run_id, owner)
+        if state != "claimed":
+            out[run_id] = store.get(run_id) if state == "done" else None
+            continue
+        if on_claim is not None:
+            on_claim(run_id, label or run_id)
+        jobs.append(Job(cfg, run_id, teacher, label or run_id))
+    if not jobs:
+        return out
     try:
-        with Heartbeat(store, run_id, owner):
-            dataset = dataset or load_dataset(cfg.dataset, cfg.data_dir)
-            _train(cfg, store, run_id, dataset, teacher, teacher_model, quiet, silent)
-    except NonFiniteLoss as e:
-        store.fail(run_id, str(e))
+        with Heartbeat(store, [j.run_id for j in jobs], owner):
+            dataset = dataset or load_dataset(jobs[0].cfg.dataset, jobs[0].cfg.data_dir)
+            _train_group(jobs, store, dataset, quiet, silent)
     except BaseException as e:
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            store.release(run_id, owner)
-        else:
-            store.fail(run_id, f"{type(e).__name__}: {e}")
+        for job in jobs:
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                store.release(job.run_id, owner)
+            elif job.alive:
+                store.fail(job.run_id, f"{type(e).__name__}: {e}")
         raise
-    return store.get(run_id)
+    for job in jobs:
+        out[job.run_id] = store.get(job.run_id)
+    return out
 
 
-def _train(cfg: Config, store: Store, run_id: str, dataset: Dataset, teacher: Teacher | None,
-           teacher_model: nn.Module | None, quiet: bool, silent: bool) -> None:
-    s = build(cfg, dataset, teacher_model if teacher is None else teacher.model)
-    timer = SegmentTimer(s.device)
-    if teacher is not None:
-        teacher._timer = timer
-    store.set_info(run_id, device=device_name(s.device), versions_json=versions(), params=count_params(s.student),
-                   paper_params=paper_params(s.student))
-    start_epoch, history, elapsed = _resume(store, run_id, s, timer)
-    progress = Progress(cfg.epochs, len(s.train_loader), s.train_loader.batch_size, quiet=quiet,
-                        silent=silent, label=f"{cfg.model}@{cfg.width:g}/{cfg.method} {run_id[:8]}")
-    if s.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(s.device)
-    for epoch in range(start_epoch, cfg.epochs):
+def _train_group(jobs: list[Job], store: Store, dataset: Dataset, quiet: bool, silent: bool) -> None:
+    device = resolve_device(jobs[0].cfg.device)
+    loaders = build_loaders(jobs[0].cfg, dataset, device)
+    for job in jobs:
+        job.s = build(job.cfg, dataset, job.teacher.model if job.teacher else None, loaders)
+        job.timer = SegmentTimer(device)
+        store.set_info(job.run_id, device=device_name(device), versions_json=versions(),
+                       params=count_params(job.s.student), paper_params=paper_params(job.s.student))
+        job.start_epoch, job.history, job.elapsed = _resume(store, job.run_id, job.s, job.timer)
+        job.progress = Progress(job.cfg.epochs, len(loaders[0]), loaders[0].batch_size,
+                                quiet=quiet or len(jobs) > 1, silent=silent,
+                                label=f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method} {job.run_id[:8]}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    group_timer = SegmentTimer(device)
+    first, last = min(j.start_epoch for j in jobs), max(j.cfg.epochs for j in jobs)
+    for epoch in range(first, last):
+        active = [j for j in jobs if j.active(epoch)]
+        if not active:
+            continue
         t0 = time.perf_counter()
-        train_metrics = _train_epoch(cfg, s, teacher, timer, epoch, progress)
-        with timer("eval"):
-            test_loss, test_acc = evaluate(s.student_fn, s.test_loader, s.autocast)
-        elapsed += time.perf_counter() - t0
-        metrics = {**train_metrics, "test_loss": test_loss, "test_acc": test_acc,
-                   "time_s": time.perf_counter() - t0}
-        history.append(metrics)
-        _checkpoint(store, run_id, cfg, s, epoch + 1, history, elapsed, timer.collect())
-        if epoch + 1 in cfg.snapshots:
-            store.save_snapshot(run_id, epoch + 1)
-        store.record_epoch(run_id, epoch + 1, metrics)
-        progress.epoch_done(epoch + 1, metrics)
-    best = max(range(len(history)), key=lambda i: history[i]["test_acc"])
-    timing = _timing_summary(timer.collect(), elapsed)
-    peak = torch.cuda.max_memory_allocated(s.device) if s.device.type == "cuda" else None
-    store.finish(run_id, {"final_acc": history[-1]["test_acc"], "best_acc": history[best]["test_acc"],
-                          "best_epoch": best + 1, "wall_s": elapsed, "timing": timing, "peak_mem_bytes": peak})
+        before = {j.run_id: _own_time(j.timer.collect()) for j in active}
+        data_before = group_timer.collect().get("data", 0.0)
+        _train_epoch(active, loaders[0], group_timer, epoch, store)
+        for job in active:
+            if job.alive:
+                with job.timer("eval"):
+                    job.sums["test"] = evaluate(job.s.student_fn, loaders[1], job.s.autocast)
+        # Charge the epoch's wall time to the runs in proportion to the device time each used.
+        wall = time.perf_counter() - t0
+        data = group_timer.collect().get("data", 0.0) - data_before
+        own = {j.run_id: _own_time(j.timer.collect()) - before[j.run_id] for j in active}
+        total = sum(own.values()) or 1.0
+        for job in active:
+            if not job.alive:
+                continue
+            job.timer.totals["data"] += data * own[job.run_id] / total
+            _end_epoch(job, store, epoch, wall * own[job.run_id] / total)
+    for job in jobs:
+        if job.alive and job.history:
+            _finish(job, store, device, len(jobs))
 
 
-def _train_epoch(cfg: Config, s: Setup, teacher: Teacher | None, timer: SegmentTimer, epoch: int,
-                 progress: Progress) -> dict[str, Any]:
-    s.student.train()
-    s.method.train()
-    s.method.start_epoch(epoch)
-    device = s.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    terms_sum: dict[str, Tensor] = {}
-    first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    steps, seen = len(s.train_loader), 0
-    batches = s.train_loader.epoch(epoch)
+def _own_time(totals: dict[str, float]) -> float:
+    return totals.get("step", 0.0) + totals.get("eval", 0.0)
+
+
+def _train_epoch(jobs: list[Job], loader: DeviceLoader, group_timer: SegmentTimer, epoch: int, store: Store) -> None:
+    for job in jobs:
+        job.s.student.train()
+        job.s.method.train()
+        job.s.method.start_epoch(epoch)
+        dev = loader.device
+        job.sums = {"loss": torch.zeros((), device=dev), "correct": torch.zeros((), device=dev, dtype=torch.long),
+                    "terms": {}, "bad": torch.full((), -1, device=dev, dtype=torch.long), "seen": 0}
+    steps = len(loader)
+    batches = loader.epoch(epoch)
     for step in range(steps):
-        with timer("data"):
+        with group_timer("data"):
             batch = next(batches)
-        lr = cfg.lr * lr_factor(cfg, epoch, step, steps)
-        for group in s.optimizer.param_groups:
-            group["lr"] = lr
-        with timer("step"):
-            with s.autocast():
-                logits, terms = s.method(s.student_fn, batch, teacher)
-            loss = sum(terms.values())
-            s.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            s.optimizer.step()
-        loss = loss.detach()
-        loss_sum += loss
-        correct += (logits.detach().argmax(1) == batch.y).sum()
-        for name, value in terms.items():
-            terms_sum[name] = terms_sum.get(name, 0) + value.detach().float()
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-        seen += len(batch.y)
+        for job in jobs:
+            if job.alive:
+                _step(job, batch, epoch, step, steps)
         if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
-            bad = int(first_bad)  # the one wait for the device, every SYNC_EVERY steps
-            if bad >= 0:
-                raise NonFiniteLoss(epoch + 1, bad + 1)
-            progress.step(epoch + 1, step + 1, float(loss_sum) / (step + 1), float(correct) / seen * 100)
-    return {"train_loss": float(loss_sum) / steps, "train_acc": float(correct) / seen * 100, "lr": lr,
-            "terms": {k: float(v) / steps for k, v in terms_sum.items()}}
+            for job in jobs:
+                if job.alive:
+                    _check_finite(job, store, epoch, step)
+
+
+def _step(job: Job, batch: Any, epoch: int, step: int, steps: int) -> None:
+    """One optimisation step of one run. Nothing here waits for the device."""
+    s, sums = job.s, job.sums
+    lr = job.cfg.lr * lr_factor(job.cfg, epoch, step, steps)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    if job.teacher is not None:
+        job.teacher._timer = job.timer
+    with job.timer("step"):
+        with s.autocast():
+            logits, terms = s.method(s.student_fn, batch, job.teacher)
+        loss = sum(terms.values())
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        s.optimizer.step()
+    loss = loss.detach()
+    sums["loss"] += loss
+    sums["correct"] += (logits.detach().argmax(1) == batch.y).sum()
+    for name, value in terms.items():
+        sums["terms"][name] = sums["terms"].get(name, 0) + value.detach().float()
+    sums["bad"] = torch.where((sums["bad"] < 0) & ~torch.isfinite(loss), step, sums["bad"])
+    sums["seen"] += len(batch.y)
+    sums["lr"], sums["steps"] = lr, step + 1
+
+
+def _check_finite(job: Job, store: Store, epoch: int, step: int) -> None:
+    """Every SYNC_EVERY steps: the one wait for the device. A non-finite loss fails the run."""
+    sums = job.sums
+    bad = int(sums["bad"])
+    if bad >= 0:
+        job.alive = False
+        store.fail(job.run_id, str(NonFiniteLoss(epoch + 1, bad + 1)))
+        return
+    acc = float(sums["correct"]) / sums["seen"] * 100
+    job.progress.step(epoch + 1, step + 1, float(sums["loss"]) / (step + 1), acc)
+
+
+def _end_epoch(job: Job, store: Store, epoch: int, wall: float) -> None:
+    sums, steps = job.sums, job.sums["steps"]
+    test_loss, test_acc = sums["test"]
+    t0 = time.perf_counter()
+    metrics = {"train_loss": float(sums["loss"]) / steps, "train_acc": float(sums["correct"]) / sums["seen"] * 100,
+               "lr": sums["lr"], "terms": {k: float(v) / steps for k, v in sums["terms"].items()},
+               "test_loss": test_loss, "test_acc": test_acc}
+    job.history.append(metrics)
+    _checkpoint(store, job.run_id, job.cfg, job.s, epoch + 1, job.history, job.elapsed + wall, job.timer.collect())
+    if epoch + 1 in job.cfg.snapshots:
+        store.save_snapshot(job.run_id, epoch + 1)
+    wall += time.perf_counter() - t0
+    job.elapsed += wall
+    metrics["time_s"] = wall
+    store.record_epoch(job.run_id, epoch + 1, metrics)
+    job.progress.epoch_done(epoch + 1, metrics)
+
+
+def _finish(job: Job, store: Store, device: torch.device, group_size: int) -> None:
+    history = job.history
+    best = max(range(len(history)), key=lambda i: history[i]["test_acc"])
+    timing = {**_timing_summary(job.timer.collect(), job.elapsed), "group_size": group_size}
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    store.finish(job.run_id, {"final_acc": history[-1]["test_acc"], "best_acc": history[best]["test_acc"],
+                              "best_epoch": best + 1, "wall_s": job.elapsed, "timing": timing,
+                              "peak_mem_bytes": peak})
 
 
 @torch.no_grad()

@@ -321,15 +321,17 @@ class Store:
 class Heartbeat:
     """Refreshes a claim from a background thread while a run trains (epochs can be long)."""
 
-    def __init__(self, store: Store, run_id: str, owner: str, every_s: float = HEARTBEAT_S):
+    def __init__(self, store: Store, run_ids: list[str], owner: str, every_s: float = HEARTBEAT_S):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(store.path, run_id, owner, every_s), daemon=True)
+        self._thread = threading.Thread(target=self._beat, args=(store.path, run_ids, owner, every_s), daemon=True)
 
-    def _beat(self, path: Path, run_id: str, owner: str, every_s: float) -> None:
+    def _beat(self, path: Path, run_ids: list[str], owner: str, every_s: float) -> None:
         conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
         try:
             while not self._stop.wait(every_s):
-                conn.execute("UPDATE runs SET heartbeat=? WHERE run_id=? AND owner=?", (time.time(), run_id, owner))
+                for run_id in run_ids:
+                    conn.execute("UPDATE runs SET heartbeat=? WHERE run_id=? AND owner=?",
+                                 (time.time(), run_id, owner))
         finally:
             conn.close()
 

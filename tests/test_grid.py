@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from kdlab.cli import main
 from kdlab.grid import GridSpec, plan, run_grid
@@ -135,3 +136,26 @@ def test_report_formats_over_a_partial_grid(tmp_path, synthetic_dir, capsys):
     assert {"teacher", "student", "acc", "acc_gain", "time_s", "compression"} <= cells[0].keys()
     assert data["studies"][0]["missing"]
     assert any(p.suffix == ".png" for p in (tmp_path / "out").iterdir())
+
+
+def test_students_of_one_teacher_share_its_forward(tmp_path, tiny):
+    from kdlab.config import build_config
+    from kdlab.loop import run_group
+    from kdlab.models import create_model
+    from kdlab.teacher import Teacher
+
+    def make_teacher() -> Teacher:
+        torch.manual_seed(7)
+        return Teacher(create_model("resnet18", 0.125))
+
+    teacher = make_teacher()
+    cfgs = [build_config("smoke", s, overrides={**tiny, "method": m, "teacher": "t", "epochs": 1})
+            for s, m in (("resnet18", "kd"), ("vgg16", "kd"), ("vgg16", "dkd"))]
+    store = Store(tmp_path)
+    records = run_group([(c, teacher, None) for c in cfgs], store)
+    assert all(r.status == "done" and r.timing["group_size"] == 3 for r in records.values())
+    steps = tiny["train_limit"] // tiny["batch_size"]
+    assert teacher.forwards == steps  # once per batch, not once per student
+    # Side by side changes nothing about a run: alone it reaches the same numbers.
+    alone = run_group([(cfgs[1], make_teacher(), None)], Store(tmp_path / "alone"))
+    assert alone[cfgs[1].run_hash()].history[0]["test_acc"] == records[cfgs[1].run_hash()].history[0]["test_acc"]

@@ -30,8 +30,8 @@ MAX_SHIFT = 3  # pixels, in each direction
 SHARED_WEIGHT = 0.4  # share of the pair pattern in each prototype: higher = siblings harder to tell apart
 BLOBS_PER_PATTERN = 4
 DISTRACTORS = 32  # class-free patterns, one blended into each image so that no pixel is a giveaway
-DISTRACTOR_WEIGHT = 0.4
-NOISE_STD = 0.12  # pixel noise, in units of the [0, 1] intensity range
+DISTRACTOR_WEIGHT = 0.25
+NOISE_STD = 0.08  # pixel noise, in units of the [0, 1] intensity range
 GAIN_STD = 0.2  # per-image, per-channel contrast jitter
 OFFSET_STD = 0.1  # per-image, per-channel brightness jitter
 
