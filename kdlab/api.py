@@ -18,11 +18,10 @@ import torch
 from kdlab.config import PRESET_WIDTHS, Config, build_config, load_yaml
 from kdlab.data import load_dataset
 from kdlab.errors import UserError
-from kdlab.loop import CHECKPOINT_FORMAT
+from kdlab.loop import CHECKPOINT_FORMAT, prepare_teacher
 from kdlab.loop import run as run_training
 from kdlab.models import StagedModel, create_model
 from kdlab.store import DB_NAME, RunRecord, Store
-from kdlab.teacher import Teacher
 
 
 def default_runs_dir() -> Path:
@@ -92,20 +91,12 @@ def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: StagedMo
     # Load the data before touching the database: a bad data dir must leave it unchanged.
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     store = Store(runs)
-    teacher = Teacher(teacher_model, run_id=cfg.teacher) if teacher_model is not None else None
-    if teacher is not None:
-        teacher.model.to(_device_of(cfg))
+    teacher = prepare_teacher(teacher_model, cfg, cfg.teacher) if teacher_model is not None else None
     try:
         record = run_training(cfg, store, teacher=teacher, dataset=dataset, quiet=quiet, silent=silent, label=label)
     finally:
         store.close()
     return record
-
-
-def _device_of(cfg: Config) -> torch.device:
-    from kdlab.device import resolve_device
-
-    return resolve_device(cfg.device)
 
 
 def load_teacher(spec: str | Path, runs_dir: Path, model_name: str | None = None,

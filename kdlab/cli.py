@@ -132,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="seeds per run (default 2: enough for a spread)")
     p.add_argument("--workers", type=int, default=2, help="processes sharing the runs (default 2, one per core)")
     p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("bench", help="engine speed: images/s against a plain eager loop, KD cost against alone")
+    p.add_argument("--preset", default="fast", help="the engine settings to measure (default fast)")
+    p.add_argument("--models", default=",".join(PAPER_MODELS), help="comma-separated models")
+    p.add_argument("--what", default="throughput,kd", help="throughput, kd, or both (default)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation)")
+    p.add_argument("--steps", type=int, default=50, help="timed steps")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     return parser
 
 
@@ -295,6 +304,32 @@ def _demo(args: argparse.Namespace) -> int:
     written = write_report(report, runs_dir / "report", compare_paper=True)
     print(f"\n{len(runs)} runs in {time.perf_counter() - t0:.0f}s; report and plots in {runs_dir / 'report'} "
           f"({len(written)} files)")
+    return 0
+
+
+@command("bench")
+def _bench(args: argparse.Namespace) -> int:
+    from kdlab import bench
+
+    models, what = _csv(args.models), set(_csv(args.what))
+    if args.warmup < 0 or args.steps < 1:
+        raise UserError("--warmup must be >= 0 and --steps >= 1")
+    if not what <= {"throughput", "kd"}:
+        raise UserError(f"--what takes throughput and/or kd, got {args.what!r}")
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = yaml.safe_load(value)
+    results: dict[str, Any] = {"environment": bench.environment(), "preset": args.preset, "overrides": overrides,
+                               "warmup": args.warmup, "steps": args.steps}
+    if "throughput" in what:
+        results["throughput"] = bench.throughput(models, args.preset, args.warmup, args.steps, overrides)
+    if "kd" in what:
+        results["kd_overhead"] = bench.kd_overhead(models, models, args.preset, args.warmup, args.steps, overrides)
+    print(bench.format_table(results))
+    print(f"wrote {bench.write_results(results, Path(args.out))}", file=sys.stderr)
     return 0
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from kdlab.config import PRESET_WIDTHS, Config, build_config, load_yaml
 from kdlab.errors import UserError
-from kdlab.loop import loader_key, run_group
+from kdlab.loop import loader_key, prepare_teacher, run_group
 from kdlab.models import list_models
 
 PAPER_MODELS = ("vgg16", "resnet18", "densenet121")
@@ -255,13 +255,12 @@ def _groups(ready: list[PlannedRun]) -> list[list[PlannedRun]]:
 def _teacher(r: PlannedRun, store: Any, runs_dir: str | Path, cache: dict[str, Any]) -> Any:
     """The run's teacher, loaded once per grid and moved to the run's device."""
     from kdlab.api import load_teacher
-    from kdlab.teacher import Teacher
 
     if not r.depends_on:
         return None
     if r.depends_on not in cache:
         model, _, path = load_teacher(r.depends_on, Path(runs_dir))
-        cache[r.depends_on] = Teacher(model.to(_device(r.cfg)), run_id=r.depends_on)
+        cache[r.depends_on] = prepare_teacher(model, r.cfg, r.depends_on)
     r.cfg.teacher_path = store.get(r.depends_on).checkpoint
     return cache[r.depends_on]
 
@@ -279,9 +278,3 @@ def spawn_workers(count: int, grid_args: list[str]) -> list[subprocess.Popen]:
 def wait_workers(workers: list[subprocess.Popen]) -> int:
     """Wait for spawned workers; the number that failed."""
     return sum(w.wait() != 0 for w in workers)
-
-
-def _device(cfg: Config) -> Any:
-    from kdlab.device import resolve_device
-
-    return resolve_device(cfg.device)

@@ -116,6 +116,13 @@ def compile_module(module: nn.Module, mode: str) -> nn.Module:
     return torch.compile(module, mode=None if mode == "default" else mode)
 
 
+def prepare_teacher(model: nn.Module, cfg: Config, run_id: str | None = None) -> Teacher:
+    """A frozen teacher on the run's device, in its memory format, compiled as the run is."""
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(resolve_device(cfg.device), memory_format=fmt).eval()
+    return Teacher(model, run_id=run_id, forward=compile_module(model, cfg.compile))
+
+
 @dataclass
 class Job:
     """One run inside a group that trains side by side: its setup, history and running sums."""
@@ -142,7 +149,7 @@ def run(cfg: Config, store: Store, *, teacher: Teacher | None = None, teacher_mo
         label: str | None = None, on_claim: Callable[[], None] | None = None) -> RunRecord:
     """Train (or resume, or just return) the run `cfg` describes, recording it in `store`."""
     if teacher is None and teacher_model is not None:
-        teacher = Teacher(teacher_model)
+        teacher = prepare_teacher(teacher_model, cfg)
     records = run_group([(cfg, teacher, label)], store, dataset=dataset, quiet=quiet, silent=silent,
                         on_claim=(lambda _id, _label: on_claim()) if on_claim else None)
     record = records[cfg.run_hash()]

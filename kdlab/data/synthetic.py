@@ -6,9 +6,10 @@ pixel noise. Classes come in pairs (0-1, 2-3...) whose prototypes share a common
 class is a plausible second guess: a trained teacher's soft labels carry information (dark knowledge)
 that the hard labels lack.
 
-Measured on CPU with the defaults (2000/500 images, Adam, random 2-pixel shifts and flips): a CNN with
-8/16 channels reaches about 45% test accuracy after 2 epochs and 74% after 12; a larger CNN
-(48/96/128 channels) about 83% after 16, with the sibling as its second choice for half the images.
+Measured with kdlab's own loop (preset smoke, 2000/500 images, CPU): a ResNet18 at width 0.125
+reaches about 54% test accuracy after 3 epochs and 90% after 15; at width 0.25 a teacher reaches
+95% in 15 epochs, and students at width 0.0625 (10 epochs, two seeds) got 67% and 79% from the hard
+labels alone but 78% and 84% when distilled from it.
 """
 
 from __future__ import annotations
