@@ -95,7 +95,7 @@ _FAST = dict(epochs=40, batch_size=512, lr=0.2, momentum=0.9, nesterov=True, wei
              compile="default", temperature=4.0, alpha=0.5)
 
 # Seconds on a CPU: tiny data, two epochs. Widths are set by the caller (train: 1/8 by default).
-_SMOKE = dict(epochs=2, batch_size=64, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+_SMOKE = dict(epochs=2, batch_size=32, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
               scheduler="onecycle", warmup=0.2, train_limit=2000, test_limit=500, precision="fp32",
               channels_last=False, compile="none", eval_batch_size=500, threads=1)
 
