@@ -25,7 +25,7 @@ class Teacher:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.run_id = run_id
-        self._forward = forward or self.model
+        self._forward = forward if forward is not None else self.model
         self._timer = timer
         self._batch: Batch | None = None
         self._logits: Tensor | None = None

@@ -274,3 +274,13 @@ def test_models_command_json(capsys):
     assert counts[("vgg16", 1.0)] == 15239872 and counts[("densenet121", 0.5)] == 1725024
     assert {"name", "width", "params", "paper_params"} <= rows[0].keys()
     assert ("densenet121_cifar", 1.0) in counts
+
+
+def test_prepared_teacher_uses_its_compiled_forward():
+    from kdlab.loop import prepare_teacher
+    from kdlab.models import create_model
+
+    cfg = build_config("smoke", "resnet18", overrides={"compile": "default"})
+    teacher = prepare_teacher(create_model("resnet18", 0.0625), cfg)
+    # A compiled module has no truth value: the teacher must not test it with `or` (a bug once).
+    assert teacher._forward is not teacher.model and not teacher.model.training
