@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--widths", default="1.0,0.5", help="comma-separated widths to list (default 1.0,0.5)")
     p.add_argument("--num-classes", type=int, default=10)
 
+    p = sub.add_parser("methods", help="list the training methods with their arguments and papers")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+
     p = sub.add_parser("train", help="train a model from scratch with cross-entropy")
     p.add_argument("model")
     p.add_argument("--width", type=float, help="width multiplier (default 1.0; smoke preset 0.125)")
@@ -165,6 +168,22 @@ def _models(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['name']:<20}{r['width']:>7g}{r['params']:>14,}{r['paper_params']:>15,}")
     print("paper_params counts conv and linear weights only, as the paper's Table 1 does.")
+    return 0
+
+
+@command("methods")
+def _methods(args: argparse.Namespace) -> int:
+    from kdlab.methods import METHODS
+
+    rows = [{"name": name, "teacher": cls.needs_teacher, "features": cls.uses_features, "args": cls.defaults,
+             "paper": cls.paper} for name, cls in sorted(METHODS.items())]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        needs = "teacher" if r["teacher"] else "no teacher"
+        args_text = ", ".join(f"{k}={v}" for k, v in r["args"].items()) or "-"
+        print(f"{r['name']:<8} {needs:<11} {r['paper']}\n{'':<20} args: {args_text}")
     return 0
 
 
