@@ -85,7 +85,9 @@ def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: StagedMo
     """Run a resolved config against a runs directory; a finished run returns at once."""
     runs = Path(runs_dir) if runs_dir else default_runs_dir()
     if (runs / DB_NAME).exists():
-        done = Store(runs).get(cfg.run_hash())
+        existing = Store(runs, create=False)
+        done = existing.get(cfg.run_hash())
+        existing.close()
         if done is not None and done.status == "done":
             return done
     # Load the data before touching the database: a bad data dir must leave it unchanged.
