@@ -43,7 +43,7 @@ def train(model: str = "resnet18", *, preset: str = "paper", config: str | Path 
     return execute(cfg, runs_dir, quiet=quiet, silent=not verbose)
 
 
-def distill(teacher: str | Path, student: str = "resnet18", *, teacher_model: str | None = None,
+def distill(teacher: str | Path | None, student: str = "resnet18", *, teacher_model: str | None = None,
             teacher_width: float | None = None, method: str = "kd", preset: str = "paper",
             config: str | Path | None = None, runs_dir: str | Path | None = None, quiet: bool = True,
             verbose: bool = False, **overrides: Any) -> RunRecord:
@@ -51,10 +51,15 @@ def distill(teacher: str | Path, student: str = "resnet18", *, teacher_model: st
 
     The default method is the paper's equation (2) (`kd`); `temperature` and `alpha` are overrides.
     A raw state-dict checkpoint needs `teacher_model` (and `teacher_width`) to know its architecture.
+    Online and self distillation (`dml`, `byot`) take no teacher: pass None.
     """
     if overrides.get("width") is None:
         overrides["width"] = PRESET_WIDTHS[_preset(preset)][1]
     runs = Path(runs_dir) if runs_dir else default_runs_dir()
+    if teacher is None:
+        # check_config says so in one line if this method needs a teacher after all.
+        cfg = resolve_config(preset, student, config, {**overrides, "method": method})
+        return execute(cfg, runs, quiet=quiet, silent=not verbose)
     model, identity, path = load_teacher(teacher, runs, teacher_model, teacher_width)
     overrides.update(method=method, teacher=identity, teacher_path=str(path))
     cfg = resolve_config(preset, student, config, overrides)

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
 
     p = sub.add_parser("distill", help="train a student from a teacher (the paper's equation (2) by default)")
-    p.add_argument("--teacher", required=True, help="a finished run's id (or prefix) or a checkpoint file")
+    p.add_argument("--teacher", help="a finished run's id (or prefix), RUN@EPOCH (a snapshot) or a checkpoint file; "
+                   "none for online/self distillation (dml, byot)")
     p.add_argument("--teacher-model", help="architecture of a bare state-dict teacher checkpoint")
     p.add_argument("--teacher-width", type=float, help="width of a bare state-dict teacher checkpoint")
     p.add_argument("--student", required=True, help="student model name")

@@ -77,6 +77,11 @@ def test_distill_from_bare_state_dict(tmp_path, tiny):
     assert rec.status == "done"
 
 
+def test_online_distillation_needs_no_teacher(tmp_path, tiny):
+    rec = kdlab.distill(None, "resnet18", method="dml", preset="smoke", runs_dir=tmp_path, **{**tiny, "epochs": 1})
+    assert rec.status == "done" and rec.config["teacher"] is None and "peer1_ce" in rec.history[0]["terms"]
+
+
 def test_teacher_gets_no_gradients_and_stays_in_eval(tiny):
     from kdlab.data import load_dataset
     from kdlab.loop import build
@@ -207,6 +212,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny):
     (["distill", "--teacher", "T", "--student", "resnet18", "--temperature", "0"], "temperature must be > 0"),
     (["distill", "--teacher", "T", "--student", "resnet18", "--alpha", "1.5"], "alpha must be in [0, 1]"),
     (["distill", "--teacher", "T", "--student", "resnet18", "--method", "magic"], "unknown method"),
+    (["distill", "--student", "resnet18"], "method 'kd' needs a teacher"),
 ])
 def test_bad_input_is_one_line_exit_2_and_db_untouched(tmp_path, tiny, capsys, monkeypatch, args, message):
     from kdlab.cli import main
