@@ -68,3 +68,20 @@ def test_paper_snippet_is_not_equation_2():
     (g_eq2,) = torch.autograd.grad(kd_loss(s, t, y, 3.0, 0.0), s)
     # Minimising the snippet moves the student away from the teacher: the gradients point apart.
     assert torch.sum(g_snippet * g_eq2).item() < 0
+
+
+def test_paper_snippet_method_terms_sum_to_the_snippet_loss():
+    from kdlab.config import build_config
+    from kdlab.data.loader import Batch
+    from kdlab.methods import METHODS
+    from kdlab.models import create_model
+    from kdlab.teacher import Teacher
+
+    torch.manual_seed(0)
+    cfg = build_config("smoke", "resnet18", overrides={"method": "paper_snippet", "teacher": "t", "width": 0.0625})
+    student, teacher = create_model("resnet18", 0.0625), create_model("resnet18", 0.0625)
+    method = METHODS["paper_snippet"](cfg, student, teacher)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    logits, terms = method(student, Batch(x, y, torch.arange(4), torch.zeros(4, dtype=torch.long)), Teacher(teacher))
+    expected = paper_snippet_loss(logits, teacher.eval()(x), y, cfg.temperature, cfg.alpha)
+    assert sum(terms.values()).item() == pytest.approx(expected.item(), rel=1e-5)
