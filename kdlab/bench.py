@@ -27,7 +27,7 @@ from torch import nn
 from kdlab.config import PRESET_WIDTHS, Config, build_config
 from kdlab.data.datasets import Dataset, Split
 from kdlab.device import device_name, resolve_device, versions
-from kdlab.loop import Job, build, prepare_teacher
+from kdlab.loop import Job, build, new_sums, prepare_teacher
 from kdlab.loop import _step as engine_step
 from kdlab.models import create_model
 from kdlab.teacher import Teacher
@@ -106,9 +106,7 @@ def group_step_time(cfgs: list[Config], dataset: Dataset, warmup: int, steps: in
         job.s = build(cfg, dataset, teacher.model if teacher else None, loaders)
         job.timer = SegmentTimer(device)
         job.s.method.start_epoch(0)
-        job.sums = {"loss": torch.zeros((), device=device), "terms": {}, "seen": 0,
-                    "correct": torch.zeros((), device=device, dtype=torch.long),
-                    "bad": torch.full((), -1, device=device, dtype=torch.long)}
+        job.sums = new_sums(device)
         jobs.append(job)
     loader = jobs[0].s.train_loader
     n = len(loader)

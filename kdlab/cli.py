@@ -53,27 +53,22 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="one line per epoch, no live progress bar")
 
 
-def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    """Config overrides from the named options and --set KEY=VALUE pairs (values parsed as YAML)."""
-    out = {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed,
-           "batch_size": args.batch_size, "lr": args.lr, "device": args.device, **extra}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set takes KEY=VALUE, got {item!r}")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
-
-
-def _method_args(items: Sequence[str]) -> dict[str, Any] | None:
-    if not items:
-        return None
+def _pairs(items: Sequence[str], flag: str, form: str = "KEY=VALUE") -> dict[str, Any]:
+    """KEY=VALUE options (repeatable) as a dict, each value parsed as YAML (3 -> int, [1, 2] -> list)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--method-arg takes KEY=VALUE, got {item!r}")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} takes {form}, got {item!r}")
         out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """Config overrides from the named options and --set KEY=VALUE pairs."""
+    out = {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed,
+           "batch_size": args.batch_size, "lr": args.lr, "device": args.device, **extra}
+    out.update({k.replace("-", "_"): v for k, v in _pairs(args.set, "--set").items()})
     return out
 
 
@@ -202,7 +197,7 @@ def _distill(args: argparse.Namespace) -> int:
     from kdlab.api import distill
 
     extra = {"width": args.width, "temperature": args.temperature, "alpha": args.alpha,
-             "method_args": _method_args(args.method_arg)}
+             "method_args": _pairs(args.method_arg, "--method-arg") or None}
     record = distill(args.teacher, args.student, teacher_model=args.teacher_model, teacher_width=args.teacher_width,
                      method=args.method, preset=args.preset, config=args.config, runs_dir=args.runs_dir,
                      quiet=args.quiet, verbose=True, **_overrides(args, extra))
@@ -257,13 +252,13 @@ def _grid(args: argparse.Namespace) -> int:
 
 
 def _grid_method_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """--method-arg METHOD.KEY=VALUE pairs, grouped by method."""
     out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
+    for key, value in _pairs(items, "--method-arg", "METHOD.KEY=VALUE").items():
         method, dot, name = key.partition(".")
-        if not sep or not dot or not method or not name:
-            raise UserError(f"--method-arg takes METHOD.KEY=VALUE, got {item!r}")
-        out.setdefault(method.strip(), {})[name.strip()] = yaml.safe_load(value)
+        if not dot or not method or not name:
+            raise UserError(f"--method-arg takes METHOD.KEY=VALUE, got {key!r}")
+        out.setdefault(method.strip(), {})[name.strip()] = value
     return out
 
 
@@ -336,12 +331,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise UserError("--warmup must be >= 0 and --steps >= 1")
     if not what <= {"throughput", "kd"}:
         raise UserError(f"--what takes throughput and/or kd, got {args.what!r}")
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set takes KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = _pairs(args.set, "--set")
     results: dict[str, Any] = {"environment": bench.environment(), "preset": args.preset, "overrides": overrides,
                                "warmup": args.warmup, "steps": args.steps}
     if "throughput" in what:

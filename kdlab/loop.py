@@ -36,14 +36,6 @@ SYNC_EVERY = 50
 CHECKPOINT_FORMAT = "kdlab-checkpoint"
 
 
-class NonFiniteLoss(Exception):
-    """The loss became NaN or infinite: the run is stopped and marked failed."""
-
-    def __init__(self, epoch: int, step: int):
-        super().__init__(f"loss became NaN or infinite at epoch {epoch}, step {step}")
-        self.epoch, self.step = epoch, step
-
-
 @dataclass
 class Setup:
     """Everything a run trains with, built once."""
@@ -249,14 +241,18 @@ def _own_time(totals: dict[str, float]) -> float:
     return totals.get("step", 0.0) + totals.get("eval", 0.0)
 
 
+def new_sums(device: torch.device) -> dict[str, Any]:
+    """A run's per-epoch running sums, kept on the device so that no step waits for it."""
+    return {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device, dtype=torch.long),
+            "terms": {}, "bad": torch.full((), -1, device=device, dtype=torch.long), "seen": 0}
+
+
 def _train_epoch(jobs: list[Job], loader: DeviceLoader, group_timer: SegmentTimer, epoch: int, store: Store) -> None:
     for job in jobs:
         job.s.student.train()
         job.s.method.train()
         job.s.method.start_epoch(epoch)
-        dev = loader.device
-        job.sums = {"loss": torch.zeros((), device=dev), "correct": torch.zeros((), device=dev, dtype=torch.long),
-                    "terms": {}, "bad": torch.full((), -1, device=dev, dtype=torch.long), "seen": 0}
+        job.sums = new_sums(loader.device)
     steps = len(loader)
     batches = loader.epoch(epoch)
     for step in range(steps):
@@ -302,7 +298,7 @@ def _check_finite(job: Job, store: Store, epoch: int, step: int) -> None:
     bad = int(sums["bad"])
     if bad >= 0:
         job.alive = False
-        store.fail(job.run_id, str(NonFiniteLoss(epoch + 1, bad + 1)))
+        store.fail(job.run_id, f"loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}")
         return
     acc = float(sums["correct"]) / sums["seen"] * 100
     job.progress.step(epoch + 1, step + 1, float(sums["loss"]) / (step + 1), acc)

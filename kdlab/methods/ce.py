@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from kdlab.methods.base import Method, register_method
+from kdlab.methods.shared import hard_ce
 
 
 @register_method
@@ -16,5 +15,4 @@ class CrossEntropy(Method):
 
     def forward(self, student, batch, teacher):
         logits = student(batch.x)
-        ce = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.cfg.label_smoothing)
-        return logits, {"ce": ce}
+        return logits, {"ce": hard_ce(logits, self.cfg, batch.y)}

@@ -6,10 +6,9 @@ Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", 2015. Hy
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from kdlab.losses import soft_kl
 from kdlab.methods.base import Method, register_method
+from kdlab.methods.shared import hard_ce
 
 
 @register_method
@@ -24,5 +23,5 @@ class HintonKD(Method):
         t_logits = teacher.logits(batch)
         logits = student(batch.x)
         a, t = self.cfg.alpha, self.cfg.temperature
-        ce = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.cfg.label_smoothing)
+        ce = hard_ce(logits, self.cfg, batch.y)
         return logits, {"ce": a * ce, "kd": (1 - a) * soft_kl(logits, t_logits, t)}
