@@ -112,7 +112,8 @@ def prepare_teacher(model: nn.Module, cfg: Config, run_id: str | None = None) ->
     """A frozen teacher on the run's device, in its memory format, compiled as the run is."""
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(resolve_device(cfg.device), memory_format=fmt).eval()
-    return Teacher(model, run_id=run_id, forward=compile_module(model, cfg.compile))
+    return Teacher(model, run_id=run_id, forward=compile_module(model, cfg.compile),
+                   copy_outputs=cfg.compile == "reduce-overhead")
 
 
 @dataclass

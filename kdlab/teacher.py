@@ -20,7 +20,7 @@ class Teacher:
     """
 
     def __init__(self, model: nn.Module, run_id: str | None = None, forward: Callable[[Tensor], Tensor] | None = None,
-                 timer: Callable[[str], AbstractContextManager] | None = None):
+                 timer: Callable[[str], AbstractContextManager] | None = None, copy_outputs: bool = False):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -31,6 +31,9 @@ class Teacher:
         self._logits: Tensor | None = None
         self._features: list[Tensor] | None = None
         self.forwards = 0  # how many forward passes actually ran (the rest were shared)
+        # Under CUDA graphs a compiled module's outputs live in memory the next graph replay reuses,
+        # and the next student's compiled forward starts a new replay: keep a copy to share.
+        self._copy = copy_outputs
 
     def logits(self, batch: Batch) -> Tensor:
         """The teacher's logits for this batch's images (same crops and flips as the student's)."""
@@ -48,6 +51,9 @@ class Teacher:
         return self._features, self._logits
 
     def _remember(self, batch: Batch, logits: Tensor, features: list[Tensor] | None) -> None:
+        if self._copy:
+            logits = logits.clone()
+            features = [f.clone() for f in features] if features is not None else None
         self.forwards += 1
         self._batch, self._logits, self._features = batch, logits, features
 
