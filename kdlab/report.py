@@ -315,11 +315,12 @@ def _describe(r: RunRecord, tw: float, by_id: dict[str, RunRecord]) -> _Info:
     if ident.startswith("file:"):
         info.teacher = ident[:13]  # "file:" and 8 hex digits of the checkpoint's hash
         return info
-    t = by_id.get(ident)
+    run_id, _, epoch = ident.partition("@")  # RUN@EPOCH: an early-stopped snapshot of that run (ESKD)
+    t = by_id.get(run_id)
     if t is None:
         info.teacher = f"run:{ident[:8]}"
         return info
-    name = display_name(t.config["model"], t.config["width"], tw)
+    name = display_name(t.config["model"], t.config["width"], tw) + (f"@ep{epoch}" if epoch else "")
     # A distilled teacher (a teacher assistant) is named with its method, so it never looks like a ce model.
     info.teacher = name if t.config["method"] == "ce" else f"{name}[{method_label(t.config)}]"
     info.teacher_model, info.teacher_width, info.teacher_run = t.config["model"], t.config["width"], t

@@ -290,3 +290,17 @@ def test_prepared_teacher_uses_its_compiled_forward():
     teacher = prepare_teacher(create_model("resnet18", 0.0625), cfg)
     # A compiled module has no truth value: the teacher must not test it with `or` (a bug once).
     assert teacher._forward is not teacher.model and not teacher.model.training
+
+
+def test_early_stopped_teacher_snapshot(tmp_path, tiny):
+    from kdlab.report import build_report, render
+    from kdlab.store import Store
+
+    teacher = kdlab.train("resnet18", preset="smoke", runs_dir=tmp_path, **{**tiny, "width": 0.125, "snapshots": [1]})
+    assert (tmp_path / "checkpoints" / f"{teacher.run_id}@1.pt").exists()
+    student = kdlab.distill(f"{teacher.run_id[:8]}@1", "resnet18", method="eskd", preset="smoke", runs_dir=tmp_path,
+                            **{**tiny, "epochs": 2})
+    assert student.status == "done" and student.config["teacher"] == f"{teacher.run_id}@1"
+    with pytest.raises(kdlab.UserError, match="no snapshot after epoch 2"):
+        kdlab.distill(f"{teacher.run_id}@2", "resnet18", preset="smoke", runs_dir=tmp_path, **tiny)
+    assert "resnet18@ep1" in render(build_report(Store(tmp_path)), "md")
