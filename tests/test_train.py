@@ -304,3 +304,20 @@ def test_early_stopped_teacher_snapshot(tmp_path, tiny):
     with pytest.raises(kdlab.UserError, match="no snapshot after epoch 2"):
         kdlab.distill(f"{teacher.run_id}@2", "resnet18", preset="smoke", runs_dir=tmp_path, **tiny)
     assert "resnet18@ep1" in render(build_report(Store(tmp_path)), "md")
+
+
+def test_train_on_a_folder_of_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("test", 10)):
+        for label, name in enumerate(("cat", "dog")):
+            folder = tmp_path / "pets" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8) + np.uint8(120 * label)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    rec = kdlab.train("resnet18", preset="smoke", runs_dir=tmp_path / "runs", dataset=str(tmp_path / "pets"),
+                      width=0.0625, epochs=2, batch_size=16)
+    assert rec.status == "done" and rec.final_acc > 50.0  # two classes a brightness apart
