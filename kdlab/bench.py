@@ -27,7 +27,7 @@ from torch import nn
 from kdlab.config import PRESET_WIDTHS, Config, build_config
 from kdlab.data.datasets import Dataset, Split
 from kdlab.device import device_name, resolve_device, versions
-from kdlab.loop import Job, build, new_sums, prepare_teacher
+from kdlab.loop import Job, build, engine_device, new_sums, prepare_teacher
 from kdlab.loop import _step as engine_step
 from kdlab.models import create_model
 from kdlab.teacher import Teacher
@@ -65,10 +65,7 @@ def _time_steps(step: Callable[[int], None], device: torch.device, warmup: int, 
 def eager_baseline(cfg: Config, dataset: Dataset, warmup: int, steps: int) -> float:
     """Seconds per step of the plain loop: eager model, autocast and channels_last as cfg says,
     torch's default SGD, batches made on the device. The yardstick the engine is measured against."""
-    device = resolve_device(cfg.device)
-    if cfg.threads and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)  # as the engine does, so the two compare fairly
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    device, fmt = engine_device(cfg)  # the engine's device, threads and format, so the two compare fairly
     model = create_model(cfg.model, cfg.width, dataset.num_classes).to(device, memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)

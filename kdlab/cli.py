@@ -223,8 +223,7 @@ def _csv(text: str) -> list[str]:
 @command("grid")
 def _grid(args: argparse.Namespace) -> int:
     from kdlab.api import default_runs_dir
-    from kdlab.data import load_dataset
-    from kdlab.grid import GridSpec, plan, run_grid, spawn_workers, states, wait_workers
+    from kdlab.grid import GridSpec, plan, run_with_workers, states
     from kdlab.store import DB_NAME, Store
 
     overrides = {k: v for k, v in _overrides(args, {}).items() if k not in ("dataset", "data_dir")}
@@ -240,13 +239,8 @@ def _grid(args: argparse.Namespace) -> int:
             print(f"{r.run_id}  {state:<8} {r.role:<8} {r.label}")
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
-    # Load (or download) the data once, before other workers start, so they never race for it.
-    dataset = load_dataset(runs[0].cfg.dataset, runs[0].cfg.data_dir)
-    workers = spawn_workers(args.workers - 1, _without_workers(args.argv[1:]))
-    counts = run_grid(runs, runs_dir, quiet=args.quiet, log=lambda m: print(m, file=sys.stderr), dataset=dataset)
-    failed_workers = wait_workers(workers)
+    counts, failed_workers = run_with_workers(runs, runs_dir, args.workers, _without_workers(args.argv[2:]),
+                                              quiet=args.quiet, log=lambda m: print(m, file=sys.stderr))
     print(", ".join(f"{n} {k}" for k, n in counts.items()))
     return 0 if counts.get("failed", 0) == 0 and not failed_workers else 1
 
@@ -292,8 +286,7 @@ def _report(args: argparse.Namespace) -> int:
 
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
-    from kdlab.data import load_dataset
-    from kdlab.grid import GridSpec, plan, run_grid, spawn_workers, wait_workers
+    from kdlab.grid import GridSpec, plan, run_with_workers
     from kdlab.report import build_report, render, write_report
     from kdlab.store import Store
 
@@ -304,14 +297,10 @@ def _demo(args: argparse.Namespace) -> int:
     runs = plan(spec)
     print(f"kdlab demo: the paper's study ({len(runs)} runs: 15 x {args.seeds} seeds) on synthetic data, smoke "
           f"preset, CPU, {args.workers} processes", file=sys.stderr)
-    if args.workers < 1 or args.seeds < 1:
-        raise UserError("--workers and --seeds must be >= 1")
     grid_args = ["--preset", "smoke", "--dataset", "synthetic", "--data-dir", data_dir, "--runs-dir", str(runs_dir),
                  "--seeds", str(args.seeds)]
-    dataset = load_dataset("synthetic", data_dir)
-    workers = spawn_workers(args.workers - 1, grid_args)
-    run_grid(runs, runs_dir, quiet=True, silent=args.quiet, log=lambda m: print(m, file=sys.stderr), dataset=dataset)
-    wait_workers(workers)
+    run_with_workers(runs, runs_dir, args.workers, grid_args, silent=args.quiet,
+                     log=lambda m: print(m, file=sys.stderr))
     store = Store(runs_dir, create=False)
     report = build_report(store, dataset="synthetic", preset="smoke")
     store.close()

@@ -265,16 +265,21 @@ def _teacher(r: PlannedRun, store: Any, runs_dir: str | Path, cache: dict[str, A
     return cache[r.depends_on]
 
 
-def spawn_workers(count: int, grid_args: list[str]) -> list[subprocess.Popen]:
-    """Start `count` more `kdlab grid` processes on the same runs directory.
+def run_with_workers(runs: list[PlannedRun], runs_dir: str | Path, workers: int, worker_args: list[str], *,
+                     quiet: bool = True, silent: bool = False, log: Any = print) -> tuple[dict[str, int], int]:
+    """Run the grid in this process and `workers - 1` more `kdlab grid` processes (started with
+    `worker_args`) on the same runs directory; returns this process's counts and how many
+    workers failed. They share the work through the store's claims: on a CPU each uses a core,
+    on a GPU several small models train at once (one process leaves the GPU mostly idle)."""
+    from kdlab.data import load_dataset
 
-    They share the work through the store's claims: on a CPU each uses a core, on a GPU several
-    small models train at once (at CIFAR sizes one process leaves the GPU mostly idle).
-    """
-    command = [sys.executable, "-m", "kdlab.cli", "grid", *grid_args, "--workers", "1", "--quiet"]
-    return [subprocess.Popen(command, stdout=subprocess.DEVNULL) for _ in range(count)]
-
-
-def wait_workers(workers: list[subprocess.Popen]) -> int:
-    """Wait for spawned workers; the number that failed."""
-    return sum(w.wait() != 0 for w in workers)
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    if not runs:
+        return {}, 0
+    # Load (or download, or generate) the data once, before the workers start, so they never race for it.
+    dataset = load_dataset(runs[0].cfg.dataset, runs[0].cfg.data_dir)
+    command = [sys.executable, "-m", "kdlab.cli", "grid", *worker_args, "--workers", "1", "--quiet"]
+    spawned = [subprocess.Popen(command, stdout=subprocess.DEVNULL) for _ in range(workers - 1)]
+    counts = run_grid(runs, runs_dir, quiet=quiet, silent=silent, log=log, dataset=dataset)
+    return counts, sum(p.wait() != 0 for p in spawned)

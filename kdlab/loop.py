@@ -81,15 +81,20 @@ def build_loaders(cfg: Config, dataset: Dataset, device: torch.device) -> tuple[
     return train, test
 
 
-def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None,
-          loaders: tuple[DeviceLoader, DeviceLoader] | None = None) -> Setup:
-    """Student, method, optimiser (and loaders, unless given) for a config."""
+def engine_device(cfg: Config) -> tuple[torch.device, torch.memory_format]:
+    """The run's device (with its CPU thread count applied) and the memory format of its tensors."""
     device = resolve_device(cfg.device)
     if cfg.threads and device.type == "cpu":
         # Tiny convolutions gain nothing from intra-op threads, and lose badly when a core is busy.
         torch.set_num_threads(cfg.threads)
+    return device, torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None,
+          loaders: tuple[DeviceLoader, DeviceLoader] | None = None) -> Setup:
+    """Student, method, optimiser (and loaders, unless given) for a config."""
+    device, memory_format = engine_device(cfg)
     torch.manual_seed(cfg.seed)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     student = create_model(cfg.model, cfg.width, dataset.num_classes).to(device, memory_format=memory_format)
     method = METHODS[cfg.method](cfg, student, teacher_model).to(device, memory_format=memory_format)
     params = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
@@ -110,8 +115,8 @@ def compile_module(module: nn.Module, mode: str) -> nn.Module:
 
 def prepare_teacher(model: nn.Module, cfg: Config, run_id: str | None = None) -> Teacher:
     """A frozen teacher on the run's device, in its memory format, compiled as the run is."""
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(resolve_device(cfg.device), memory_format=fmt).eval()
+    device, memory_format = engine_device(cfg)
+    model = model.to(device, memory_format=memory_format).eval()
     return Teacher(model, run_id=run_id, forward=compile_module(model, cfg.compile),
                    copy_outputs=cfg.compile == "reduce-overhead")
 

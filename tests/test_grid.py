@@ -159,3 +159,10 @@ def test_students_of_one_teacher_share_its_forward(tmp_path, tiny):
     # Side by side changes nothing about a run: alone it reaches the same numbers.
     alone = run_group([(cfgs[1], make_teacher(), None)], Store(tmp_path / "alone"))
     assert alone[cfgs[1].run_hash()].history[0]["test_acc"] == records[cfgs[1].run_hash()].history[0]["test_acc"]
+
+
+def test_grid_workers_share_one_grid(tmp_path, synthetic_dir, capsys):
+    runs_dir = tmp_path / "runs"
+    # Exit 0 also says the spawned worker exited 0 (it once got a malformed command line).
+    assert main([*_grid_args(synthetic_dir, runs_dir), "--workers", "2"]) == 0
+    assert all(r.status == "done" for r in Store(runs_dir).runs()) and len(Store(runs_dir).runs()) == 5
