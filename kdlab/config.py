@@ -27,6 +27,9 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 # Fields that say where things are or how they are shown, not what is computed: kept out of the hash.
 _LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots")
+# Fields added after the first stores were written: hashed only when they differ from their default,
+# so the runs of older stores keep their ids.
+_LATER_FIELDS = {"model_args": {}}
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Config:
     preset: str = "paper"  # the recipe's name; the values below are what counts
     model: str = "resnet18"
     width: float = 1.0
+    model_args: dict[str, Any] = field(default_factory=dict)  # constructor arguments of a source's model
     dataset: str = "cifar10"
     data_dir: str | None = None
     train_limit: int = 0  # use only the first N training images (0: all); smoke runs
@@ -73,7 +77,8 @@ class Config:
 
     def run_hash(self) -> str:
         """Stable identity of the run: a hash of every field that changes its result."""
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in _LOCATION_FIELDS}
+        data = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in _LOCATION_FIELDS and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -210,10 +215,9 @@ def _type_name(kind: Any) -> str:
 def validate(cfg: Config) -> None:
     """Reject values no run can use, with one line that names the setting."""
     from kdlab.methods import METHODS
-    from kdlab.models import list_models
+    from kdlab.models import check_model_name
 
-    if cfg.model not in list_models():
-        raise UserError(f"unknown model {cfg.model!r}: choose one of {', '.join(list_models())}")
+    check_model_name(cfg.model)
     if cfg.method not in METHODS:
         raise UserError(f"unknown method {cfg.method!r}: choose one of {', '.join(sorted(METHODS))}")
     checks = [

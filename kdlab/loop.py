@@ -95,7 +95,8 @@ def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None,
     """Student, method, optimiser (and loaders, unless given) for a config."""
     device, memory_format = engine_device(cfg)
     torch.manual_seed(cfg.seed)
-    student = create_model(cfg.model, cfg.width, dataset.num_classes).to(device, memory_format=memory_format)
+    student = create_model(cfg.model, cfg.width, dataset.num_classes, **cfg.model_args)
+    student = student.to(device, memory_format=memory_format)
     method = METHODS[cfg.method](cfg, student, teacher_model).to(device, memory_format=memory_format)
     params = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,

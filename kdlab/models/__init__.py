@@ -7,20 +7,28 @@ Importing this package registers every model (``vgg16``, ``resnet18``, ``densene
 from kdlab.models import densenet, resnet, vgg  # noqa: F401  (imported to register the models)
 from kdlab.models.base import StagedModel
 from kdlab.models.registry import (
+    ModelSource,
+    check_model_name,
     count_params,
     create_model,
     list_models,
+    list_sources,
     model_family,
     paper_params,
     register_model,
+    register_source,
 )
 
 __all__ = [
+    "ModelSource",
     "StagedModel",
+    "check_model_name",
     "count_params",
     "create_model",
     "list_models",
+    "list_sources",
     "model_family",
     "paper_params",
     "register_model",
+    "register_source",
 ]

@@ -2,6 +2,10 @@
 
 Each model file registers its constructors with ``@register_model("name")``; the family
 ("vgg", "resnet", "densenet") is the name of the file that defines the constructor.
+
+Models from elsewhere come through *sources*: a name ``PREFIX:REST`` (``timm:resnet50``) is built by
+the source registered under ``PREFIX`` with ``@register_source``, one file per source. Extra
+constructor arguments (a config's ``model_args``) pass through ``create_model`` to the constructor.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import functools
 import math
 from collections.abc import Callable
 from numbers import Integral, Real
+from typing import Any
 
 from torch import nn
 
@@ -20,6 +25,45 @@ ModelFn = Callable[..., StagedModel]
 
 _MODELS: dict[str, ModelFn] = {}
 _FAMILIES: dict[str, str] = {}
+
+
+class ModelSource:
+    """Builds models named ``PREFIX:REST`` from another library or a file. Subclasses set ``prefix``
+    and implement ``create`` (and ``names`` to be listed by ``kdlab models --all``)."""
+
+    prefix: str = ""
+
+    def create(self, name: str, width: float, num_classes: int, **model_args: Any) -> nn.Module:
+        """Build model ``name`` (the part after ``PREFIX:``); raise UserError for what cannot be built."""
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        """Names this source can build (without the prefix); may be empty when unknown or unavailable."""
+        return []
+
+    def check(self, name: str) -> None:
+        """Raise UserError when ``name`` can certainly not be built (called when a config is validated)."""
+
+
+_SOURCES: dict[str, ModelSource] = {}
+
+
+def register_source(cls: type[ModelSource]) -> type[ModelSource]:
+    """Class decorator: make a model source available under its ``prefix``."""
+    if not cls.prefix or cls.prefix in _SOURCES:
+        raise ValueError(f"model source prefix {cls.prefix!r} is empty or registered twice")
+    _SOURCES[cls.prefix] = cls()
+    return cls
+
+
+def _source(name: str) -> tuple[ModelSource, str] | None:
+    prefix, sep, rest = name.partition(":")
+    if not sep:
+        return None
+    if prefix not in _SOURCES:
+        raise UserError(f"unknown model source {prefix!r} in {name!r}: known sources are "
+                        f"{', '.join(sorted(_SOURCES)) or 'none'}")
+    return _SOURCES[prefix], rest
 
 
 def register_model(name: str, family: str | None = None) -> Callable[[ModelFn], ModelFn]:
@@ -51,24 +95,50 @@ def _check_name(name: str) -> None:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(list_models())}")
 
 
-def create_model(name: str, width: float = 1.0, num_classes: int = 10) -> StagedModel:
-    """Build the registered model ``name`` at ``width`` with ``num_classes`` outputs."""
-    _check_name(name)
+def check_model_name(name: str) -> None:
+    """Raise UserError unless ``name`` is a registered model or ``PREFIX:REST`` of a known source."""
+    found = _source(name)
+    if found is None:
+        _check_name(name)
+    else:
+        source, rest = found
+        source.check(rest)
+
+
+def create_model(name: str, width: float = 1.0, num_classes: int = 10, **model_args: Any) -> nn.Module:
+    """Build the model ``name`` at ``width`` with ``num_classes`` outputs (``model_args`` go to its
+    constructor; the built-in models take none)."""
+    found = _source(name)
     # bool is an int subclass; True as a width or class count is surely a mistake.
     if isinstance(width, bool) or not isinstance(width, Real) or not math.isfinite(width) or width <= 0:
         raise UserError(f"model width must be a finite number > 0, got {width!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 1:
         raise UserError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if found is not None:
+        source, rest = found
+        return source.create(rest, float(width), int(num_classes), **model_args)
+    _check_name(name)
+    if model_args:
+        raise UserError(f"model {name!r} takes no model_args, got {', '.join(sorted(model_args))}")
     return _MODELS[name](width=float(width), num_classes=int(num_classes))
 
 
 def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
+    """Names of all registered models, sorted (models of sources are not listed: see ``list_sources``)."""
     return sorted(_MODELS)
 
 
+def list_sources() -> dict[str, ModelSource]:
+    """The registered model sources by prefix."""
+    return dict(_SOURCES)
+
+
 def model_family(name: str) -> str:
-    """Family of the registered model ``name``: "vgg", "resnet" or "densenet"."""
+    """Family of the registered model ``name``: "vgg", "resnet" or "densenet" (a source's prefix for
+    ``PREFIX:REST`` names)."""
+    found = _source(name)
+    if found is not None:
+        return found[0].prefix
     _check_name(name)
     return _FAMILIES[name]
 
