@@ -8,19 +8,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from kdlab.config import PRESET_WIDTHS, Config, build_config, load_yaml
-from kdlab.data import load_dataset
+from kdlab.data import Dataset, load_dataset
+from kdlab.data.arrays import as_dataset
 from kdlab.errors import UserError
-from kdlab.loop import CHECKPOINT_FORMAT, prepare_teacher
+from kdlab.loop import prepare_teacher
 from kdlab.loop import run as run_training
-from kdlab.models import StagedModel, create_model
+from kdlab.models import create_model
+from kdlab.models.module_source import as_model, module_name, register_module
+from kdlab.models.weights import CHECKPOINT_FORMAT, file_identity, load_state, plain_state, read_checkpoint
+from kdlab.preflight import preflight
 from kdlab.store import DB_NAME, RunRecord, Store
 
 
@@ -29,44 +33,83 @@ def default_runs_dir() -> Path:
     return Path(os.environ.get("KDLAB_RUNS_DIR", "runs"))
 
 
-def train(model: str = "resnet18", *, preset: str = "paper", config: str | Path | None = None,
-          runs_dir: str | Path | None = None, quiet: bool = True, verbose: bool = False,
-          **overrides: Any) -> RunRecord:
+def train(model: str | nn.Module = "resnet18", *, data: Any = None, preset: str = "paper",
+          config: str | Path | None = None, runs_dir: str | Path | None = None, quiet: bool = True,
+          verbose: bool = False, **overrides: Any) -> RunRecord:
     """Train `model` from scratch with cross-entropy; returns the stored run (resumed or reused if known).
 
-    `overrides` are Config fields (width, dataset, data_dir, epochs, seed, lr, ...). With
-    verbose=False nothing is printed.
+    `model` is a registered name (``resnet18``, ``timm:resnet50``, ``torchvision:mobilenet_v3_small``)
+    or any ``nn.Module`` returning logits. `data` is a dataset name or folder (as `dataset=`), a
+    `kdlab.data.Dataset`, or arrays (see `kdlab.data.arrays.as_dataset`). `overrides` are Config
+    fields (width, dataset, data_dir, epochs, seed, lr, ...). With verbose=False nothing is printed.
     """
+    model = as_model_name(model)
+    dataset = _use_data(data, overrides)
     if overrides.get("width") is None:
-        overrides["width"] = PRESET_WIDTHS[_preset(preset)][0]
+        overrides["width"] = default_width(model, _preset(preset), teacher=True)
     cfg = resolve_config(preset, model, config, overrides)
-    return execute(cfg, runs_dir, quiet=quiet, silent=not verbose)
+    return execute(cfg, runs_dir, dataset=dataset, quiet=quiet, silent=not verbose)
 
 
-def distill(teacher: str | Path | None, student: str = "resnet18", *, teacher_model: str | None = None,
-            teacher_width: float | None = None, method: str = "kd", preset: str = "paper",
-            config: str | Path | None = None, runs_dir: str | Path | None = None, quiet: bool = True,
-            verbose: bool = False, **overrides: Any) -> RunRecord:
-    """Train `student` distilled from `teacher` (a run id or a checkpoint file); returns the stored run.
+def distill(teacher: str | Path | nn.Module | None, student: str | nn.Module = "resnet18", *, data: Any = None,
+            teacher_model: str | None = None, teacher_width: float | None = None,
+            teacher_model_args: dict[str, Any] | None = None, trust_checkpoint: bool = False, method: str = "kd",
+            preset: str = "paper", config: str | Path | None = None, runs_dir: str | Path | None = None,
+            quiet: bool = True, verbose: bool = False, **overrides: Any) -> RunRecord:
+    """Train `student` distilled from `teacher`; returns the stored run.
 
-    The default method is the paper's equation (2) (`kd`); `temperature` and `alpha` are overrides.
-    A raw state-dict checkpoint needs `teacher_model` (and `teacher_width`) to know its architecture.
-    Online and self distillation (`dml`, `byot`) take no teacher: pass None.
+    `teacher` is a run id, a checkpoint file or an ``nn.Module`` (its current weights; part of the
+    run's identity); `student` a model name or an ``nn.Module`` (its initial weights); `data` as for
+    `train`. The default method is the paper's equation (2) (`kd`); `temperature` and `alpha` are
+    overrides. A plain state-dict checkpoint needs `teacher_model` (and `teacher_width`,
+    `teacher_model_args`) to know its architecture; a whole pickled model is loaded only with
+    `trust_checkpoint` (unpickling runs code from the file). Online and self distillation (`dml`,
+    `byot`) take no teacher: pass None.
     """
+    student = as_model_name(student)
+    dataset = _use_data(data, overrides)
     if overrides.get("width") is None:
-        overrides["width"] = PRESET_WIDTHS[_preset(preset)][1]
+        overrides["width"] = default_width(student, _preset(preset), teacher=False)
     runs = Path(runs_dir) if runs_dir else default_runs_dir()
     if teacher is None:
         # check_config says so in one line if this method needs a teacher after all.
         cfg = resolve_config(preset, student, config, {**overrides, "method": method})
-        return execute(cfg, runs, quiet=quiet, silent=not verbose)
-    model, identity, path = load_teacher(teacher, runs, teacher_model, teacher_width)
-    overrides.update(method=method, teacher=identity, teacher_path=str(path))
+        return execute(cfg, runs, dataset=dataset, quiet=quiet, silent=not verbose)
+    model, identity, path = load_teacher(teacher, runs, teacher_model, teacher_width, teacher_model_args,
+                                         trust_checkpoint)
+    overrides.update(method=method, teacher=identity, teacher_path=str(path) if path else None)
     cfg = resolve_config(preset, student, config, overrides)
-    if model.num_classes != _num_classes_hint(cfg, model):
-        raise UserError(f"teacher has {model.num_classes} classes but dataset {cfg.dataset!r} has "
-                        f"{_num_classes_hint(cfg, model)}: distill on the data the teacher was trained on")
-    return execute(cfg, runs, teacher_model=model, quiet=quiet, silent=not verbose)
+    return execute(cfg, runs, teacher_model=model, dataset=dataset, quiet=quiet, silent=not verbose)
+
+
+def as_model_name(model: str | nn.Module) -> str:
+    """A model's registered name; an ``nn.Module`` is registered as ``module:ClassName.digest``."""
+    if isinstance(model, nn.Module):
+        return register_module(model)
+    if not isinstance(model, str):
+        raise UserError(f"a model is a name or an nn.Module, not a {type(model).__name__}")
+    return model
+
+
+def default_width(model: str, preset: str, teacher: bool) -> float:
+    """The preset's teacher or student width for kdlab's own models; models from elsewhere are built
+    as named (width 1)."""
+    if ":" in model:
+        return 1.0
+    return PRESET_WIDTHS[preset][0 if teacher else 1]
+
+
+def _use_data(data: Any, overrides: dict[str, Any]) -> Dataset | None:
+    """`data=`: a name or folder becomes the `dataset` setting; arrays and Dataset objects are used
+    as they are, named by a digest of their content (part of the run's identity)."""
+    if data is None:
+        return None
+    if isinstance(data, (str, Path)):
+        overrides["dataset"] = str(data)
+        return None
+    dataset = as_dataset(data)
+    overrides["dataset"] = dataset.name
+    return dataset
 
 
 def _preset(preset: str) -> str:
@@ -75,18 +118,15 @@ def _preset(preset: str) -> str:
     return preset
 
 
-def _num_classes_hint(cfg: Config, model: StagedModel) -> int:
-    return {"cifar10": 10, "cifar100": 100, "synthetic": 10}.get(cfg.dataset, model.num_classes)
-
-
 def resolve_config(preset: str, model: str, config: str | Path | None, overrides: dict[str, Any]) -> Config:
     """Preset, then the YAML file, then explicit overrides (None values mean 'not given')."""
     file_values = load_yaml(config) if config else {}
     return build_config(preset, model, file_values, {k: v for k, v in overrides.items() if v is not None})
 
 
-def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: StagedModel | None = None,
-            quiet: bool = True, silent: bool = False, label: str | None = None) -> RunRecord:
+def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: nn.Module | None = None,
+            dataset: Dataset | None = None, quiet: bool = True, silent: bool = False,
+            label: str | None = None) -> RunRecord:
     """Run a resolved config against a runs directory; a finished run returns at once."""
     runs = Path(runs_dir) if runs_dir else default_runs_dir()
     if (runs / DB_NAME).exists():
@@ -95,8 +135,11 @@ def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: StagedMo
         existing.close()
         if done is not None and done.status == "done":
             return done
-    # Load the data before touching the database: a bad data dir must leave it unchanged.
-    dataset = load_dataset(cfg.dataset, cfg.data_dir)
+    # Load the data and check the models before touching the database: a bad data dir, a teacher for
+    # other classes or a model without the features its method needs must leave it unchanged.
+    if dataset is None:
+        dataset = load_dataset(cfg.dataset, cfg.data_dir)
+    preflight(cfg, dataset, teacher_model)
     store = Store(runs)
     teacher = prepare_teacher(teacher_model, cfg, cfg.teacher) if teacher_model is not None else None
     try:
@@ -106,16 +149,20 @@ def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: StagedMo
     return record
 
 
-def load_teacher(spec: str | Path, runs_dir: Path, model_name: str | None = None,
-                 width: float | None = None) -> tuple[StagedModel, str, Path]:
-    """Find a teacher: a finished run's id (or id prefix), or a checkpoint file.
+def load_teacher(spec: str | Path | nn.Module, runs_dir: Path, model_name: str | None = None,
+                 width: float | None = None, model_args: dict[str, Any] | None = None,
+                 trust: bool = False) -> tuple[nn.Module, str, Path | None]:
+    """Find a teacher: a finished run's id (or id prefix), a checkpoint file, or a module.
 
     Returns the model (weights loaded, on the CPU), its identity for the run's hash (the run id,
-    or 'file:<sha256 prefix>') and the path of its weights.
+    'file:<sha256 prefix>' or 'module:<name>.<digest>') and the path of its weights (None for a module).
     """
+    if isinstance(spec, nn.Module):
+        name = module_name(spec)
+        return as_model(spec, name, getattr(spec, "num_classes", None)), name, None
     path = Path(spec)
     if path.is_file():
-        return _teacher_from_file(path, model_name, width)
+        return _teacher_from_file(path, model_name, width, model_args, trust)
     run_part, _, epoch_part = str(spec).partition("@")
     if epoch_part and not epoch_part.isdigit():
         raise UserError(f"teacher {spec!r}: after '@' comes an epoch number (RUN@EPOCH, an early-stopped teacher)")
@@ -140,12 +187,14 @@ def load_teacher(spec: str | Path, runs_dir: Path, model_name: str | None = None
     return model, record.run_id, ckpt_path
 
 
-def _teacher_from_file(path: Path, model_name: str | None, width: float | None) -> tuple[StagedModel, str, Path]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 (any unpickling failure means "not a checkpoint")
-        raise UserError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}): give a kdlab checkpoint "
-                        "or a state dict saved with torch.save") from None
+def _teacher_from_file(path: Path, model_name: str | None, width: float | None,
+                       model_args: dict[str, Any] | None = None, trust: bool = False) -> tuple[nn.Module, str, Path]:
+    ckpt = read_checkpoint(path, trust)
+    identity = file_identity(path)
+    if isinstance(ckpt, nn.Module):  # a whole pickled model (only read with trust)
+        name = model_name or type(ckpt).__name__
+        return as_model(ckpt, name, getattr(ckpt, "num_classes", None)), identity, path
+    state = plain_state(ckpt)
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
         info, state = ckpt["model"], ckpt["student"]
         if model_name and model_name != info["name"]:
@@ -153,21 +202,16 @@ def _teacher_from_file(path: Path, model_name: str | None, width: float | None) 
         if width is not None and width != info["width"]:
             raise UserError(f"checkpoint {path} holds width {info['width']:g}, not {width:g}")
         model_name, width, num_classes = info["name"], info["width"], info["num_classes"]
-    elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        model_args = ckpt.get("config", {}).get("model_args") or {}
+    elif state is not None:
         if not model_name:
             raise UserError(f"{path} is a bare state dict: name its architecture with --teacher-model")
-        state, width = ckpt, width or 1.0
-        num_classes = _linear_out(state)
+        width, num_classes = width or 1.0, _linear_out(state)
     else:
         raise UserError(f"{path} is not a kdlab checkpoint or a model state dict")
-    model = create_model(model_name, width, num_classes)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise UserError(f"checkpoint {path} does not fit {model_name} at width {width:g}: {first}") from None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return model, f"file:{digest}", path
+    model = create_model(model_name, width, num_classes, **(model_args or {}))
+    load_state(model, state, f"checkpoint {path}")
+    return model, identity, path
 
 
 def _linear_out(state: dict[str, torch.Tensor]) -> int:

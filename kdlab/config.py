@@ -26,10 +26,10 @@ PRECISIONS = ("fp32", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 # Fields that say where things are or how they are shown, not what is computed: kept out of the hash.
-_LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots")
+_LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots", "weights", "tensorboard", "mlflow")
 # Fields added after the first stores were written: hashed only when they differ from their default,
 # so the runs of older stores keep their ids.
-_LATER_FIELDS = {"model_args": {}}
+_LATER_FIELDS = {"model_args": {}, "weights_id": None}
 
 
 @dataclass
@@ -41,6 +41,8 @@ class Config:
     model: str = "resnet18"
     width: float = 1.0
     model_args: dict[str, Any] = field(default_factory=dict)  # constructor arguments of a source's model
+    weights: str | None = None  # start from the weights in this file (not hashed: weights_id is)
+    weights_id: str | None = None  # "file:<sha256>" of that file, set when the config is built
     dataset: str = "cifar10"
     data_dir: str | None = None
     train_limit: int = 0  # use only the first N training images (0: all); smoke runs
@@ -73,6 +75,9 @@ class Config:
     device: str = "auto"
     threads: int = 0  # CPU threads for torch (0: torch's default); tiny models run best on 1
     snapshots: list[int] = field(default_factory=list)  # also keep the weights after these epochs (ESKD teachers)
+    # where the run is also logged (kdlab.loggers); the runs database stays the record
+    tensorboard: bool = True  # event files under RUNS_DIR/tb/ when the tensorboard package is installed
+    mlflow: str | None = None  # an MLflow tracking URI (a server, or a local folder)
     seed: int = 0
 
     def run_hash(self) -> str:
@@ -155,6 +160,10 @@ def build_config(preset: str = "paper", model: str = "resnet18", file_values: di
         for key, value in extra.items():
             values[key] = _coerce(key, value, source)
     cfg = Config(**values)
+    if cfg.weights:  # the file's content, not its path, is what the run starts from
+        from kdlab.models.weights import file_identity
+
+        cfg.weights_id = file_identity(cfg.weights)
     validate(cfg)
     return cfg
 
@@ -245,3 +254,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise UserError(message)
     METHODS[cfg.method].check_config(cfg)
+    if cfg.mlflow:
+        from kdlab.loggers import check_available
+
+        check_available("mlflow")

@@ -25,8 +25,11 @@ from kdlab.data.datasets import Dataset
 from kdlab.data.loader import DeviceLoader, channel_stats
 from kdlab.device import device_name, resolve_device, versions
 from kdlab.errors import RunBusy
+from kdlab.loggers import RunLoggers, start_loggers
 from kdlab.methods import METHODS, Method
-from kdlab.models import count_params, create_model, paper_params
+from kdlab.models import create_model
+from kdlab.models.profile import model_facts
+from kdlab.models.weights import load_initial_weights
 from kdlab.progress import Progress
 from kdlab.store import Heartbeat, RunRecord, Store, owner_id
 from kdlab.teacher import Teacher
@@ -96,6 +99,8 @@ def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None,
     device, memory_format = engine_device(cfg)
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.model, cfg.width, dataset.num_classes, **cfg.model_args)
+    if cfg.weights:  # --set weights=PATH (kdlab.models.weights)
+        load_initial_weights(student, cfg.weights)
     student = student.to(device, memory_format=memory_format)
     method = METHODS[cfg.method](cfg, student, teacher_model).to(device, memory_format=memory_format)
     params = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
@@ -138,6 +143,7 @@ class Job:
     start_epoch: int = 0
     alive: bool = True
     sums: dict[str, Any] = field(default_factory=dict)
+    log: RunLoggers = field(default_factory=RunLoggers)  # TensorBoard, MLflow (kdlab.loggers)
 
     def active(self, epoch: int) -> bool:
         return self.alive and self.start_epoch <= epoch < self.cfg.epochs
@@ -196,6 +202,9 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
             elif job.alive:
                 store.fail(job.run_id, f"{type(e).__name__}: {e}")
         raise
+    finally:
+        for job in jobs:
+            job.log.close()
     for job in jobs:
         out[job.run_id] = store.get(job.run_id)
     return out
@@ -208,7 +217,8 @@ def _train_group(jobs: list[Job], store: Store, dataset: Dataset, quiet: bool, s
         job.s = build(job.cfg, dataset, job.teacher.model if job.teacher else None, loaders)
         job.timer = SegmentTimer(device)
         store.set_info(job.run_id, device=device_name(device), versions_json=versions(),
-                       params=count_params(job.s.student), paper_params=paper_params(job.s.student))
+                       **model_facts(job.s.student, dataset.train.images.shape[1:3], warn=not silent))
+        job.log = start_loggers(job.cfg, job.run_id, job.label, store.root)
         job.start_epoch, job.history, job.elapsed = _resume(store, job.run_id, job.s, job.timer)
         job.progress = Progress(job.cfg.epochs, len(loaders[0]), loaders[0].batch_size,
                                 quiet=quiet or len(jobs) > 1, silent=silent,
@@ -326,6 +336,7 @@ def _end_epoch(job: Job, store: Store, epoch: int, wall: float) -> None:
     job.elapsed += wall
     metrics["time_s"] = wall
     store.record_epoch(job.run_id, epoch + 1, metrics)
+    job.log.epoch(epoch + 1, metrics)
     job.progress.epoch_done(epoch + 1, metrics)
 
 
@@ -337,6 +348,7 @@ def _finish(job: Job, store: Store, device: torch.device, group_size: int) -> No
     store.finish(job.run_id, {"final_acc": history[-1]["test_acc"], "best_acc": history[best]["test_acc"],
                               "best_epoch": best + 1, "wall_s": job.elapsed, "timing": timing,
                               "peak_mem_bytes": peak})
+    job.log.finish(store.get(job.run_id), store.checkpoint_path(job.run_id))
 
 
 @torch.no_grad()

@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS runs (
     epochs_done INTEGER NOT NULL DEFAULT 0,
     final_acc REAL, best_acc REAL, best_epoch INTEGER,
     wall_s REAL, timing_json TEXT, device TEXT, versions_json TEXT,
-    params INTEGER, paper_params INTEGER, peak_mem_bytes INTEGER, error TEXT
+    params INTEGER, paper_params INTEGER, peak_mem_bytes INTEGER, error TEXT,
+    flops INTEGER
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -74,6 +75,7 @@ class RunRecord:
     versions: dict[str, str] = field(default_factory=dict)
     params: int | None = None
     paper_params: int | None = None
+    flops: int | None = None  # per image, at the data's image size (kdlab.models.profile)
     peak_mem_bytes: int | None = None
     error: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -162,6 +164,15 @@ class Store:
             found = row[0] if row else "none"
             raise UserError(f"{self.path} was written by an incompatible kdlab (schema {found}, this kdlab "
                             f"reads {SCHEMA_VERSION}): use another --runs-dir")
+        self._add_columns({"flops": "INTEGER"})
+
+    def _add_columns(self, columns: dict[str, str]) -> None:
+        """Columns added after the first stores were written: added to an older database on open."""
+        with self.transaction() as c:
+            have = {r[1] for r in c.execute("PRAGMA table_info(runs)")}
+            for name, kind in columns.items():
+                if name not in have:
+                    c.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -209,7 +220,8 @@ class Store:
             epochs_done=row["epochs_done"], final_acc=row["final_acc"], best_acc=row["best_acc"],
             best_epoch=row["best_epoch"], wall_s=row["wall_s"], timing=json.loads(row["timing_json"] or "{}"),
             device=row["device"], versions=json.loads(row["versions_json"] or "{}"), params=row["params"],
-            paper_params=row["paper_params"], peak_mem_bytes=row["peak_mem_bytes"], error=row["error"],
+            paper_params=row["paper_params"], flops=row["flops"], peak_mem_bytes=row["peak_mem_bytes"],
+            error=row["error"],
             history=history, checkpoint=str(ckpt) if ckpt.exists() else None,
         )
 

@@ -1,11 +1,14 @@
 """Model zoo: a registry of CIFAR classifiers that all share the `StagedModel` shape.
 
 Importing this package registers every model (``vgg16``, ``resnet18``, ``densenet121``,
-``densenet121_cifar``).
+``densenet121_cifar``) and the sources of models from elsewhere (``timm:``, ``torchvision:``,
+``module:``; their libraries are imported only when one of their models is asked for).
 """
 
-from kdlab.models import densenet, resnet, vgg  # noqa: F401  (imported to register the models)
+# Imported to register the models and the sources.
+from kdlab.models import densenet, module_source, resnet, timm_source, torchvision_source, vgg  # noqa: F401
 from kdlab.models.base import StagedModel
+from kdlab.models.foreign import ForeignModel
 from kdlab.models.registry import (
     ModelSource,
     check_model_name,
@@ -20,6 +23,7 @@ from kdlab.models.registry import (
 )
 
 __all__ = [
+    "ForeignModel",
     "ModelSource",
     "StagedModel",
     "check_model_name",

@@ -29,6 +29,17 @@ from kdlab.errors import UserError
 _PROBE_SIZES = (64, 128)
 
 
+def import_extra(module: str, extra: str) -> Any:
+    """Import an optional library, or say in one line which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 (missing, or failing to import beside this torch)
+        detail = "" if isinstance(e, ModuleNotFoundError) else f" ({type(e).__name__}: {str(e).splitlines()[0]})"
+        raise UserError(f"this needs {module}, which does not import{detail}: pip install 'kdlab[{extra}]'") from None
+
+
 def feature_methods() -> list[str]:
     """Names of the registered methods that read stage features."""
     from kdlab.methods import METHODS
@@ -64,10 +75,11 @@ class NodeStages:
 
     def __init__(self, net: nn.Module, name: str, nodes: Sequence[str] | None = None):
         try:
-            from torchvision.models.feature_extraction import get_graph_node_names
-        except Exception as e:  # noqa: BLE001 (missing, or failing to import beside this torch)
-            raise no_features(name, f"finding them needs torchvision ({type(e).__name__}): "
-                                    "pip install 'kdlab[torchvision]'") from None
+            import_extra("torchvision", "torchvision")
+        except UserError:
+            raise no_features(name, "finding them needs torchvision: pip install 'kdlab[torchvision]'") from None
+        from torchvision.models.feature_extraction import get_graph_node_names
+
         self.name = name
         try:
             train_nodes, eval_nodes = get_graph_node_names(net)
@@ -83,7 +95,7 @@ class NodeStages:
             if missing:
                 raise UserError(f"model {name} has no node {missing[0]!r}: its nodes include "
                                 f"{', '.join(_top_nodes(net, eval_nodes)[:12])}")
-        shapes = _probe(net, name, nodes, _PROBE_SIZES[0])
+        (shapes,) = _probe(net, name, nodes, _PROBE_SIZES[:1])
         bad = [n for n, s in zip(nodes, shapes, strict=True) if s is None]
         if bad:
             raise no_features(name, f"node {bad[0]} does not give a feature map")
@@ -137,7 +149,7 @@ def _top_nodes(net: nn.Module, graph_nodes: Sequence[str]) -> list[str]:
 
 def _discover(net: nn.Module, name: str, graph_nodes: Sequence[str]) -> list[str]:
     candidates = _top_nodes(net, graph_nodes)
-    small, large = (_probe(net, name, candidates, size) for size in _PROBE_SIZES)
+    small, large = _probe(net, name, candidates, _PROBE_SIZES)
     stages: dict[int, str] = {}  # reduction -> last node at that reduction
     for node, a, b in zip(candidates, small, large, strict=True):
         if a is None or b is None or not (1.5 * a[1] <= b[1] <= 2.5 * a[1]):
@@ -151,24 +163,28 @@ def _discover(net: nn.Module, name: str, graph_nodes: Sequence[str]) -> list[str
     return [stages[r] for r in sorted(stages)]
 
 
-def _probe(net: nn.Module, name: str, nodes: Sequence[str], size: int) -> list[tuple[int, int] | None]:
-    """(channels, height) of each node's output for a blank image of ``size`` pixels (None: not a
-    4-D map). Runs in eval mode without gradients, so nothing in the model changes."""
+def _probe(net: nn.Module, name: str, nodes: Sequence[str],
+           sizes: Sequence[int]) -> list[list[tuple[int, int] | None]]:
+    """For each image size, (channels, height) of each node's output for a blank image (None: not
+    a 4-D map). Runs in eval mode without gradients, so nothing in the model changes."""
     from torchvision.models.feature_extraction import create_feature_extractor
 
     param = next(net.parameters(), None)
-    x = torch.zeros(1, 3, size, size, device=param.device if param is not None else None)
     was_training = net.training
+    out = []
     try:
         extractor = create_feature_extractor(net.eval(), return_nodes=list(nodes)).eval()
-        with torch.no_grad():
-            out = extractor(x)
+        for size in sizes:
+            x = torch.zeros(1, 3, size, size, device=param.device if param is not None else None)
+            with torch.no_grad():
+                maps = extractor(x).values()
+            out.append([(int(v.shape[1]), int(v.shape[2])) if isinstance(v, Tensor) and v.ndim == 4 else None
+                        for v in maps])
     except Exception as e:  # noqa: BLE001 (a model that cannot run at this size, or cannot be traced)
-        raise no_features(name, f"a dry run at {size}x{size} failed: {type(e).__name__}") from None
+        raise no_features(name, f"a dry run on blank images failed: {type(e).__name__}") from None
     finally:
         net.train(was_training)
-    return [(int(v.shape[1]), int(v.shape[2])) if isinstance(v, Tensor) and v.ndim == 4 else None
-            for v in out.values()]
+    return out
 
 
 class ForeignModel(nn.Module):
@@ -177,17 +193,17 @@ class ForeignModel(nn.Module):
     Args:
         net: the module; its ``forward(x)`` returns logits.
         name: the model's name in kdlab (``timm:resnet18``), shown in messages and the report.
-        num_classes: how many logits it returns.
+        num_classes: how many logits it returns (None: not known yet; the run's checks count them).
         width: the width it was built at (1.0: as built).
         feature_nodes: stage node names (torchvision-style), instead of finding them.
     """
 
-    def __init__(self, net: nn.Module, name: str, num_classes: int, width: float = 1.0,
+    def __init__(self, net: nn.Module, name: str, num_classes: int | None, width: float = 1.0,
                  feature_nodes: Sequence[str] | None = None):
         super().__init__()
         self.net = net
         self.name = name
-        self.num_classes = int(num_classes)
+        self.num_classes = int(num_classes) if num_classes is not None else None
         self.width = float(width)
         self._feature_nodes = list(feature_nodes) if feature_nodes is not None else None
         self._stages: TimmStages | NodeStages | None = None  # found on first use (a plain object, not a submodule)

@@ -1,0 +1,85 @@
+"""``torchvision:NAME``: the classification models of torchvision (``torchvision:resnet50``,
+``torchvision:mobilenet_v3_small``), built for the data's classes; needs
+``pip install 'kdlab[torchvision]'``.
+
+``--width`` scales the families that have a width multiplier (the MobileNets' ``width_mult``);
+the others are built as named. ``model_args`` go to the constructor; ``weights: DEFAULT`` (or
+``pretrained: true``) fetches the published ImageNet weights where the machine can, and then the
+classifier is replaced by a new one for the data's classes.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from torch import nn
+
+from kdlab.errors import UserError
+from kdlab.models.foreign import ForeignModel, import_extra, pop_feature_nodes
+from kdlab.models.registry import ModelSource, register_source
+
+# The constructor argument that scales every layer's width, for the families that have one.
+WIDTH_ARGS = {"mobilenet_v2": "width_mult", "mobilenet_v3_large": "width_mult", "mobilenet_v3_small": "width_mult"}
+
+
+def _models() -> Any:
+    import_extra("torchvision", "torchvision")
+    import torchvision.models
+
+    return torchvision.models
+
+
+@register_source
+class TorchvisionSource(ModelSource):
+    """Classification models of torchvision, by their torchvision name."""
+
+    prefix = "torchvision"
+
+    def create(self, name: str, width: float, num_classes: int, **model_args: Any) -> nn.Module:
+        models = _models()
+        self.check(name)
+        args, nodes = pop_feature_nodes(model_args)
+        if width != 1.0:
+            if name not in WIDTH_ARGS:
+                raise UserError(f"torchvision:{name} has no width multiplier, so it is built as named (width 1), "
+                                f"not at width {width:g}; these have one: {', '.join(sorted(WIDTH_ARGS))}")
+            args[WIDTH_ARGS[name]] = width
+        weights = args.pop("weights", None) or ("DEFAULT" if args.pop("pretrained", False) else None)
+        try:
+            if weights is None:
+                net = models.get_model(name, weights=None, num_classes=num_classes, **args)
+            else:  # published weights come with their own classifier: replace it for the data's classes
+                net = replace_head(models.get_model(name, weights=weights, **args), num_classes, name)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 (torchvision's own errors: bad arguments, failed download)
+            hint = (" (published weights are fetched from the network: on a machine without it, give a local file "
+                    "with --set weights=PATH)") if weights else ""
+            raise UserError(f"torchvision:{name} could not be built with {args}: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from None
+        return ForeignModel(net, f"torchvision:{name}", num_classes, width, nodes)
+
+    def names(self) -> list[str]:
+        models = _models()
+        return list(models.list_models(module=models))
+
+    def check(self, name: str) -> None:
+        known = self.names()
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"torchvision has no classification model {name!r}{hint}: `kdlab models --all` lists them")
+
+
+def replace_head(net: nn.Module, num_classes: int, name: str) -> nn.Module:
+    """Give a pretrained classifier a new last linear layer with ``num_classes`` outputs."""
+    linears = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"torchvision:{name} has no linear classifier to replace for {num_classes} classes")
+    path, last = linears[-1]
+    if last.out_features == num_classes:
+        return net
+    parent = net.get_submodule(path.rpartition(".")[0]) if "." in path else net
+    setattr(parent, path.rpartition(".")[2], nn.Linear(last.in_features, num_classes, bias=last.bias is not None))
+    return net

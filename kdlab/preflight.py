@@ -1,0 +1,58 @@
+"""Checks that a run can start, made before anything is written (no database row, no file).
+
+A teacher for other classes, a model that does not run on the data's images or returns the wrong
+number of logits, bad constructor arguments, weights that do not fit, or a model without the stage
+features its method reads: each is one line, and the runs database stays as it was.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kdlab.config import Config
+from kdlab.data.datasets import Dataset
+from kdlab.errors import UserError
+from kdlab.methods import METHODS
+from kdlab.models import create_model
+from kdlab.models.weights import load_initial_weights
+
+
+def preflight(cfg: Config, dataset: Dataset, teacher: nn.Module | None) -> None:
+    """Build what the run will build (on the CPU, RNG untouched) and check that it fits together."""
+    image_hw = tuple(dataset.train.images.shape[1:3])
+    n = dataset.num_classes
+    if teacher is not None:
+        name = getattr(teacher, "name", "") or cfg.teacher
+        if getattr(teacher, "num_classes", None) is None:
+            teacher.num_classes = count_logits(teacher, image_hw, f"teacher {name}")
+        if teacher.num_classes != n:
+            raise UserError(f"teacher {name} has {teacher.num_classes} classes but the data ({cfg.dataset}) has {n}: "
+                            "distill on the data the teacher was trained on")
+    with torch.random.fork_rng(devices=[]):
+        student = create_model(cfg.model, cfg.width, n, **cfg.model_args)
+        if cfg.weights:
+            load_initial_weights(student, cfg.weights)
+        logits = count_logits(student, image_hw, f"student {cfg.model}")
+        if logits != n:
+            raise UserError(f"student {cfg.model} returns {logits} logits but the data ({cfg.dataset}) has {n} classes")
+        METHODS[cfg.method](cfg, student, teacher)  # a method reading stage features says so if there are none
+
+
+def count_logits(model: nn.Module, image_hw: tuple[int, int], what: str) -> int:
+    """How many logits ``model`` returns for an image of the data's size (eval mode, no gradients)."""
+    param = next(model.parameters(), None)
+    x = torch.zeros(2, 3, *image_hw, device=param.device if param is not None else None)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as e:  # noqa: BLE001 (whatever the model raises on this input)
+        raise UserError(f"{what} cannot run on {image_hw[0]}x{image_hw[1]} images: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise UserError(f"{what} must return logits (batch, classes), got "
+                        f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+    return int(out.shape[1])
