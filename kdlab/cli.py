@@ -51,6 +51,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="any other setting, e.g. --set weight_decay=1e-4 --set compile=none (repeatable)")
     p.add_argument("--runs-dir", help="runs database and checkpoints (default $KDLAB_RUNS_DIR or ./runs)")
     p.add_argument("--quiet", action="store_true", help="one line per epoch, no live progress bar")
+    p.add_argument("--mlflow", metavar="URI", help="also log to MLflow: a tracking server or a local folder "
+                   "(needs kdlab[mlflow]); TensorBoard files go to RUNS_DIR/tb/ when tensorboard is installed")
 
 
 def _pairs(items: Sequence[str], flag: str, form: str = "KEY=VALUE") -> dict[str, Any]:
@@ -67,7 +69,7 @@ def _pairs(items: Sequence[str], flag: str, form: str = "KEY=VALUE") -> dict[str
 def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
     """Config overrides from the named options and --set KEY=VALUE pairs."""
     out = {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed,
-           "batch_size": args.batch_size, "lr": args.lr, "device": args.device, **extra}
+           "batch_size": args.batch_size, "lr": args.lr, "device": args.device, "mlflow": args.mlflow, **extra}
     out.update({k.replace("-", "_"): v for k, v in _pairs(args.set, "--set").items()})
     return out
 
@@ -76,10 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdlab", description="Knowledge distillation for image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("models", help="list the model zoo with parameter counts")
+    p = sub.add_parser("models", help="list the model zoo with parameter counts and FLOPs")
+    p.add_argument("names", nargs="*", help="models to describe (default: kdlab's own), e.g. timm:resnet50")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--widths", default="1.0,0.5", help="comma-separated widths to list (default 1.0,0.5)")
+    p.add_argument("--widths", default="1.0,0.5", help="comma-separated widths to list (default 1.0,0.5; "
+                   "models from other libraries: 1)")
     p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=32, help="image side for FLOPs (default 32)")
+    p.add_argument("--all", action="store_true", help="list every model name of every source (timm, torchvision)")
 
     p = sub.add_parser("methods", help="list the training methods with their arguments and papers")
     p.add_argument("--json", action="store_true", help="print a JSON list")
@@ -94,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "none for online/self distillation (dml, byot)")
     p.add_argument("--teacher-model", help="architecture of a bare state-dict teacher checkpoint")
     p.add_argument("--teacher-width", type=float, help="width of a bare state-dict teacher checkpoint")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="the teacher file is a whole pickled model: load it (this runs code from the file)")
     p.add_argument("--student", required=True, help="student model name")
     p.add_argument("--width", type=float, help="student width (default 0.5, the paper's half width)")
     p.add_argument("--method", default="kd", help="distillation method (default kd)")
@@ -145,25 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command("models")
 def _models(args: argparse.Namespace) -> int:
-    from kdlab.models import count_params, create_model, list_models, paper_params
+    from kdlab.models.listing import describe, print_table, source_names
 
+    if args.all:
+        for prefix, names in source_names().items():
+            print(f"{prefix}: {len(names)} models" if names else f"{prefix}: none available")
+            for name in names:
+                print(f"  {prefix}:{name}")
+        return 0
     try:
         widths = [float(w) for w in args.widths.split(",")]
     except ValueError:
         raise UserError(f"--widths takes comma-separated numbers, got {args.widths!r}") from None
-    rows = []
-    for name in list_models():
-        for width in widths:
-            model = create_model(name, width, args.num_classes)
-            rows.append({"name": name, "width": width, "params": count_params(model),
-                         "paper_params": paper_params(model)})
+    if args.image_size < 1 or args.num_classes < 1:
+        raise UserError("--image-size and --num-classes must be >= 1")
+    rows = describe(args.names, widths, args.num_classes, args.image_size)
     if args.json:
         print(json.dumps(rows, indent=2))
-        return 0
-    print(f"{'model':<20}{'width':>7}{'params':>14}{'paper_params':>15}")
-    for r in rows:
-        print(f"{r['name']:<20}{r['width']:>7g}{r['params']:>14,}{r['paper_params']:>15,}")
-    print("paper_params counts conv and linear weights only, as the paper's Table 1 does.")
+    else:
+        print_table(rows, args.image_size)
     return 0
 
 
@@ -200,7 +208,7 @@ def _distill(args: argparse.Namespace) -> int:
              "method_args": _pairs(args.method_arg, "--method-arg") or None}
     record = distill(args.teacher, args.student, teacher_model=args.teacher_model, teacher_width=args.teacher_width,
                      method=args.method, preset=args.preset, config=args.config, runs_dir=args.runs_dir,
-                     quiet=args.quiet, verbose=True, **_overrides(args, extra))
+                     quiet=args.quiet, verbose=True, trust_checkpoint=args.trust_checkpoint, **_overrides(args, extra))
     return _print_record(record)
 
 

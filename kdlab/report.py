@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdlab import paper, stats
 from kdlab.errors import UserError
+from kdlab.models.profile import format_flops
 from kdlab.stats import PairedResult, Summary
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ DASH = "—"
 
 # Config fields that name a run (or say where it ran) rather than how it was trained.
 _IDENTITY_FIELDS = frozenset({"preset", "model", "width", "dataset", "data_dir", "method", "teacher",
-                              "teacher_path", "device", "seed", "eval_batch_size"})
+                              "teacher_path", "device", "seed", "eval_batch_size", "weights", "tensorboard", "mlflow"})
 _METHOD_FIELDS = ("temperature", "alpha", "method_args")  # only distillation runs use these
 _SHORT = {"temperature": "T"}
 
@@ -85,6 +86,7 @@ class ModelRow:
     acc_by_seed: dict[int, float]
     run_ids: list[str]
     curve: list[tuple[int, float]]  # (epoch, mean test accuracy over seeds)
+    flops: int | None = None  # per image at the data's size (kdlab.models.profile)
 
 
 @dataclass
@@ -439,7 +441,7 @@ def _model_row(infos: list[_Info], tw: float, referenced: set[str | None]) -> Mo
         best_acc=stats.summarize([r.best_acc if r.best_acc is not None else r.final_acc for r in records]),
         time=_summary(r.wall_s for r in records), timing=_mean_timing(records), seeds=[i.seed for i in infos],
         acc_by_seed={i.seed: i.record.final_acc for i in infos}, run_ids=[r.run_id for r in records],
-        curve=_curve(records),
+        curve=_curve(records), flops=_first(r.flops for r in records),
     )
 
 
@@ -649,14 +651,14 @@ def _sections(study: Study, compare: bool) -> list[_Section]:
 
 
 def _table1_section(study: Study, compare: bool) -> _Section:
-    header = ["Family", "Role", "Model", "Width", "Params (paper)", "Params (all)", "Acc (%)", "Time",
+    header = ["Family", "Role", "Model", "Width", "Params (paper)", "Params (all)", "FLOPs", "Acc (%)", "Time",
               "Seeds"]
     if compare:
         header += ["Paper VCL acc", "Paper Colab acc", "Paper VCL time"]
     rows = []
     for r in study.table1:
         row = [r.family, r.role, r.model, f"{r.width:g}", _int(r.paper_params), _int(r.params),
-               fmt_summary(r.acc), fmt_time(r.time), ",".join(map(str, r.seeds))]
+               format_flops(r.flops), fmt_summary(r.acc), fmt_time(r.time), ",".join(map(str, r.seeds))]
         if compare:
             ref = paper.table1(r.model)
             row += [DASH] * 3 if ref is None else [_num(ref.acc_vcl), _num(ref.acc_colab),
@@ -889,7 +891,7 @@ def _csv_rows(study: Study, compare: bool) -> Iterable[dict[str, Any]]:
                                           ("best_acc", r.best_acc, None, None),
                                           ("time_s", r.time, *_pp(ref, "time_vcl_s", "time_colab_s")),
                                           ("paper_params", r.paper_params, *_pp(ref, "params", "params")),
-                                          ("params", r.params, None, None)):
+                                          ("params", r.params, None, None), ("flops", r.flops, None, None)):
             yield {**key, "metric": metric, **_stat_fields(value), "paper_vcl": vcl, "paper_colab": colab}
     for c in study.cells:
         key = {"section": "cells", "student": c.student, "teacher": c.teacher or "", "method": c.method}
@@ -952,7 +954,7 @@ def _spread_json(s: Summary, prefix: str) -> dict[str, Any]:
 
 def _row_json(r: ModelRow, compare: bool) -> dict[str, Any]:
     out = {"family": r.family, "role": r.role, "model": r.model, "width": r.width, "params": r.params,
-           "paper_params": r.paper_params, "acc": r.acc.mean, "best_acc": r.best_acc.mean,
+           "paper_params": r.paper_params, "flops": r.flops, "acc": r.acc.mean, "best_acc": r.best_acc.mean,
            "time_s": r.time.mean if r.time else None, "timing": r.timing, "seeds": r.seeds,
            "n_seeds": r.acc.n, "run_ids": r.run_ids, **_spread_json(r.acc, "acc")}
     if compare:

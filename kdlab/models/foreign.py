@@ -49,8 +49,8 @@ def feature_methods() -> list[str]:
 
 def no_features(name: str, why: str) -> UserError:
     """The one-line error for a model whose stage features cannot be found."""
-    return UserError(f"model {name} gives no stage features ({why}), which methods {', '.join(feature_methods())} "
-                     "need: use a response method (kd, dkd, dml, eskd), or name its stage nodes with "
+    return UserError(f"model {name} gives no stage features ({why}): methods {', '.join(feature_methods())} need "
+                     "them; use a response method (kd, dkd, dml, eskd), or name its stage nodes with "
                      "--set 'model_args={feature_nodes: [NODE, ...]}'")
 
 
@@ -181,7 +181,9 @@ def _probe(net: nn.Module, name: str, nodes: Sequence[str],
             out.append([(int(v.shape[1]), int(v.shape[2])) if isinstance(v, Tensor) and v.ndim == 4 else None
                         for v in maps])
     except Exception as e:  # noqa: BLE001 (a model that cannot run at this size, or cannot be traced)
-        raise no_features(name, f"a dry run on blank images failed: {type(e).__name__}") from None
+        detail = str(e).splitlines()[0][:120] if str(e) else ""
+        raise no_features(name, f"a dry run on blank {sizes[-1]}x{sizes[-1]} images failed: {type(e).__name__}: "
+                                f"{detail}") from None
     finally:
         net.train(was_training)
     return out
