@@ -26,12 +26,26 @@ CENTER_VIEW = PAD * CROPS_PER_AXIS + PAD  # no shift, no flip: what evaluation s
 
 @dataclass
 class Batch:
-    """One batch: normalised images, labels, and which example and view each row is."""
+    """One batch: normalised images, labels, which example and view each row is, and which rows are
+    real (evaluation pads its last batch to the fixed batch size; training batches are all real)."""
 
     x: Tensor
     y: Tensor
     index: Tensor
     view: Tensor
+    mask: Tensor | None = None  # None: every row is real
+
+    def copy_(self, other: Batch) -> Batch:
+        """Copy `other` into this batch's tensors in place (fixed buffers for CUDA graphs)."""
+        for name in ("x", "y", "index", "view", "mask"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine.copy_(getattr(other, name))
+        return self
+
+    def clone(self) -> Batch:
+        """A batch with tensors of its own, of the same shapes and memory format."""
+        return Batch(*(None if t is None else t.clone() for t in (self.x, self.y, self.index, self.view, self.mask)))
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -84,9 +98,12 @@ class DeviceLoader:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch (0-based), in a fixed order for (seed, epoch)."""
         if not self.train:
+            # Every batch has the full size (fixed shapes): the last one is padded with repeats of the
+            # last image, and its mask marks the real rows.
             for start in range(0, self.n, self.batch_size):
-                index = torch.arange(start, min(start + self.batch_size, self.n), device=self.device)
-                yield self._make(index, torch.full_like(index, CENTER_VIEW))
+                rows = torch.arange(start, start + self.batch_size, device=self.device)
+                index = rows.clamp(max=self.n - 1)
+                yield self._make(index, torch.full_like(index, CENTER_VIEW), rows < self.n)
             return
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.n, generator=gen).to(self.device)
@@ -94,16 +111,17 @@ class DeviceLoader:
             views = torch.randint(0, NUM_VIEWS, (self.n,), generator=gen).to(self.device)
         else:
             views = torch.full((self.n,), CENTER_VIEW, device=self.device)
+        real = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
         for b in range(len(self)):
             index = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self._make(index, views[index])
+            yield self._make(index, views[index], real)
 
-    def _make(self, index: Tensor, view: Tensor) -> Batch:
+    def _make(self, index: Tensor, view: Tensor, mask: Tensor) -> Batch:
         x = augment_views(self.images, index, view, self.size) if self.augment else self.images[index]
         x = (x.float() - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return Batch(x=x, y=self.labels[index], index=index, view=view)
+        return Batch(x=x, y=self.labels[index], index=index, view=view, mask=mask)
 
 
 def augment_views(padded: Tensor, index: Tensor, view: Tensor, size: int) -> Tensor:
