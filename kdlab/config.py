@@ -28,7 +28,8 @@ _OWN_GRAPHS = ("reduce-overhead", "max-autotune")  # compile modes that capture 
 
 # Fields that say where things are, how they are shown or how the same arithmetic is scheduled, not
 # what is computed: kept out of the hash.
-_LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots", "graphs", "checkpoint_every")
+_LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots", "graphs", "checkpoint_every",
+                    "sync_bn")
 # Fields added after the first stores were written: hashed only when they differ from their default,
 # so the runs of older stores keep their ids.
 _LATER_FIELDS = {"model_args": {}}
@@ -77,6 +78,7 @@ class Config:
     threads: int = 0  # CPU threads for torch (0: torch's default); tiny models run best on 1
     snapshots: list[int] = field(default_factory=list)  # also keep the weights after these epochs (ESKD teachers)
     checkpoint_every: int = 1  # epochs between checkpoints (and the last epoch); written off the training thread
+    sync_bn: bool = True  # one run on several GPUs (torchrun): BatchNorm statistics over the global batch
     seed: int = 0
 
     def run_hash(self) -> str:

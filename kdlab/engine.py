@@ -8,6 +8,10 @@ on the card instead of waiting for each other. On a CPU the same code runs eager
 
 Nothing in a step waits for the device: losses, accuracies and the first non-finite step are
 summed on the device (`RunningSums`) and read by the loop every `SYNC_EVERY` steps.
+
+In a run on several processes (`kdlab.distributed`) each process steps its slice of every batch;
+the student and the method's own parts train as one DistributedDataParallel module, and sums are
+added over the processes when they are read.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlab import distributed
 from kdlab.config import Config
 from kdlab.data.loader import Batch, DeviceLoader
-from kdlab.graphs import Captured
+from kdlab.graphs import DDP_WARMUP_CALLS, WARMUP_CALLS, Captured
 from kdlab.methods import Method
 from kdlab.progress import Progress
 from kdlab.teacher import Teacher
@@ -73,11 +78,15 @@ class RunningSums:
                 self.terms[name] = torch.zeros((), device=self.device)
             self.terms[name] += value.detach().float()
 
-    def read(self) -> dict[str, Any]:
-        """Host copies (waits for the device): steps, mean loss, accuracy inputs, mean terms."""
-        steps = int(self.steps)
-        return {"steps": steps, "loss": float(self.loss) / max(1, steps), "correct": int(self.correct),
-                "bad": int(self.bad), "terms": {k: float(v) / max(1, steps) for k, v in self.terms.items()}}
+    def read(self, world: int = 1) -> dict[str, Any]:
+        """Host copies (waits for the device): steps, mean loss, correct count, first bad step, mean
+        terms; over all processes of the run (each process's loss is the mean over its slice)."""
+        values = distributed.all_reduce(torch.stack([self.loss, self.correct.float(), *self.terms.values()]))
+        bad = int(distributed.all_reduce(self.bad.clone(), "max"))
+        steps = max(1, int(self.steps)) * world
+        host = values.tolist()
+        return {"steps": int(self.steps), "loss": host[0] / steps, "correct": round(host[1]), "bad": bad,
+                "terms": {k: v / steps for k, v in zip(self.terms, host[2:], strict=True)}}
 
 
 @dataclass
@@ -96,12 +105,13 @@ class Job:
     start_epoch: int = 0
     alive: bool = True
     sums: RunningSums | None = None
-    seen: int = 0  # training images this epoch
+    seen: int = 0  # training images this epoch (over all processes)
     lr: float = 0.0  # the last step's learning rate, for the record
     eval_sums: tuple[Tensor, Tensor] | None = None  # (loss sum, correct) over the test split
     stream: Any = None
     train_step: Captured | None = None
     eval_step: Captured | None = None
+    trainable: nn.Module | None = None  # student + method as one module (DistributedDataParallel-wrapped)
 
     def active(self, epoch: int) -> bool:
         return self.alive and self.start_epoch <= epoch < self.cfg.epochs
@@ -122,8 +132,8 @@ class Engine:
     """Steps a group of jobs that share `train` and `test` loaders (see the module's docstring)."""
 
     def __init__(self, jobs: list[Job], train: DeviceLoader, test: DeviceLoader, device: torch.device,
-                 precision: str):
-        self.jobs, self.train, self.test, self.device = jobs, train, test, device
+                 precision: str, world: distributed.World | None = None):
+        self.jobs, self.train, self.test, self.device, self.world = jobs, train, test, device, world
         self.graphs = device.type == "cuda" and all(j.cfg.graphs for j in jobs)
         self.autocast = autocast_for(device, precision)
         self.batch = _blank(train)  # the fixed buffers every step reads
@@ -139,10 +149,18 @@ class Engine:
         job.eval_sums = (torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long))
         job.stream = torch.cuda.Stream(self.device) if self.graphs else None
         s.optimizer.param_groups[0]["lr"] = s.lr  # fused SGD reads the tensor: no host value in the step
+        job.trainable = _Trainable(s, self.batch, job.teacher)
+        if self.world is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Built on the stream its graph will be captured on (PyTorch's CUDA-graph notes on DDP).
+            with torch.cuda.stream(job.stream) if job.stream is not None else nullcontext():
+                job.trainable = DistributedDataParallel(
+                    job.trainable, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
         def train_body() -> None:
             with s.autocast():
-                logits, terms = s.method(s.student_fn, self.batch, job.teacher)
+                logits, terms = job.trainable()
             loss = sum(terms.values())
             loss.backward()
             s.optimizer.step()
@@ -158,7 +176,8 @@ class Engine:
 
         name = f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method} {job.run_id[:8]}"
         job.train_step = Captured(train_body, self.device, enabled=self.graphs, name=f"the training step of {name}",
-                                  stream=job.stream, before=lambda: s.optimizer.zero_grad(set_to_none=True))
+                                  stream=job.stream, before=lambda: s.optimizer.zero_grad(set_to_none=True),
+                                  warmup=DDP_WARMUP_CALLS if self.world is not None else WARMUP_CALLS)
         job.eval_step = Captured(eval_body, self.device, enabled=self.graphs, name=f"the evaluation of {name}",
                                  stream=job.stream)
 
@@ -184,7 +203,7 @@ class Engine:
                     job.s.lr.fill_(lr)
                     with job.timer("step"):
                         job.train_step(job.s.method.graph_key())
-                job.seen += len(batch.y)
+                job.seen += self.train.batch_size
                 job.lr = lr
 
     def _teacher_needs(self, jobs: list[Job]) -> list[tuple[Teacher, str]]:
@@ -234,9 +253,13 @@ class Engine:
         out = {}
         for job in jobs:
             job.s.student.train()
-            loss_sum, correct = job.eval_sums
+            loss_sum, correct = (distributed.all_reduce(t.clone()) for t in job.eval_sums)
             out[job.run_id] = (float(loss_sum) / self.test.n, float(correct) / self.test.n * 100)
         return out
+
+    def read(self, job: Job) -> dict[str, Any]:
+        """The job's running sums so far this epoch (over all processes of the run)."""
+        return job.sums.read(self.world.size if self.world is not None else 1)
 
     # ---- streams ---------------------------------------------------------------------------------
 
@@ -254,6 +277,21 @@ class Engine:
         yield [torch.cuda.stream(job.stream) for job in jobs]
         for job in jobs:
             main.wait_stream(job.stream)
+
+
+class _Trainable(nn.Module):
+    """The student and the method's own parts as one module whose call is one training forward on the
+    engine's fixed batch: what DistributedDataParallel wraps, so that every trained parameter's
+    gradient is averaged over the processes. (The batch and teacher are not call arguments: DDP
+    would copy the batch, and the teacher's outputs are shared by the batch's identity.)"""
+
+    def __init__(self, s: Setup, batch: Batch, teacher: Teacher | None):
+        super().__init__()
+        self.student_fn, self.method = s.student_fn, s.method
+        self._batch, self._teacher = batch, teacher
+
+    def forward(self) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.method(self.student_fn, self._batch, self._teacher)
 
 
 def _capturing() -> bool:

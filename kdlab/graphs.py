@@ -27,11 +27,12 @@ from typing import Any
 import torch
 
 WARMUP_CALLS = 2  # eager calls before capture: lazy initialisation, cuDNN autotuning, optimiser state
+DDP_WARMUP_CALLS = 11  # DistributedDataParallel builds its buckets over its first steps (PyTorch's CUDA-graph notes)
 
 
 class Captured:
     """Calls `fn` (which takes no arguments and reads and writes only fixed tensors): eagerly on a
-    CPU or with graphs off; on CUDA eagerly for the first `WARMUP_CALLS` calls, then captured into a
+    CPU or with graphs off; on CUDA eagerly for the first `warmup` calls, then captured into a
     CUDA graph on `stream` and replayed. `before` runs ahead of every eager call and of the capture,
     never ahead of a replay (e.g. dropping gradients, which the captured backward then allocates in
     the graph's own memory, as in PyTorch's whole-network capture example).
@@ -40,8 +41,8 @@ class Captured:
     """
 
     def __init__(self, fn: Callable[[], Any], device: torch.device, *, enabled: bool, name: str,
-                 stream: Any = None, before: Callable[[], None] | None = None):
-        self.fn, self.name, self.stream, self.before = fn, name, stream, before
+                 stream: Any = None, before: Callable[[], None] | None = None, warmup: int = WARMUP_CALLS):
+        self.fn, self.name, self.stream, self.before, self.warmup = fn, name, stream, before, warmup
         self.enabled = enabled and device.type == "cuda"
         self.graph: Any = None
         self.out: Any = None
@@ -55,14 +56,14 @@ class Captured:
         if key != self.key:
             # The step's Python code takes another path now: capture it afresh (one eager call first).
             self.key, self.graph, self.out = key, None, None
-            self.calls = min(self.calls, WARMUP_CALLS - 1)
+            self.calls = min(self.calls, self.warmup - 1)
         if not self.enabled:
             return self._eager()
         if self.graph is not None:
             self.graph.replay()
             return self.out
         t0 = time.perf_counter()
-        out = self._eager() if self.calls < WARMUP_CALLS else self._capture()
+        out = self._eager() if self.calls < self.warmup else self._capture()
         torch.cuda.synchronize()
         self.setup_s += time.perf_counter() - t0
         return out

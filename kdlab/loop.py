@@ -12,12 +12,14 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from kdlab import distributed
 from kdlab.checkpoints import CheckpointWriter, to_host
 from kdlab.config import Config
 from kdlab.data import load_dataset
@@ -25,7 +27,7 @@ from kdlab.data.datasets import Dataset
 from kdlab.data.loader import DeviceLoader, channel_stats
 from kdlab.device import device_name, resolve_device, versions
 from kdlab.engine import Engine, Job, Setup, autocast_for
-from kdlab.errors import RunBusy
+from kdlab.errors import RunBusy, UserError
 from kdlab.methods import METHODS
 from kdlab.models import count_params, create_model, paper_params
 from kdlab.progress import Progress
@@ -58,10 +60,13 @@ def loader_key(cfg: Config) -> tuple:
             cfg.seed, cfg.augment, cfg.channels_last, cfg.precision, cfg.device)
 
 
-def build_loaders(cfg: Config, dataset: Dataset, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
-    """The training and test loaders a config asks for (shared by every run with its loader_key)."""
+def build_loaders(cfg: Config, dataset: Dataset, device: torch.device,
+                  world: distributed.World | None = None) -> tuple[DeviceLoader, DeviceLoader]:
+    """The training and test loaders a config asks for (shared by every run with its loader_key);
+    in a run on several processes, this process's slice of every batch."""
     mean, std = channel_stats(dataset.train.images)
-    common = dict(mean=mean, std=std, channels_last=cfg.channels_last, seed=cfg.seed)
+    shard = (world.rank, world.size) if world is not None else (0, 1)
+    common = dict(mean=mean, std=std, channels_last=cfg.channels_last, seed=cfg.seed, shard=shard)
     train = DeviceLoader(dataset.train, cfg.batch_size, device, train=True, augment=cfg.augment,
                          limit=cfg.train_limit, **common)
     test = DeviceLoader(dataset.test, cfg.eval_batch_size, device, train=False, limit=cfg.test_limit, **common)
@@ -79,13 +84,17 @@ def engine_device(cfg: Config) -> tuple[torch.device, torch.memory_format]:
     return device, torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
-def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None) -> Setup:
-    """Student, method and optimiser for a config."""
+def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None, sync_bn: bool = False) -> Setup:
+    """Student, method and optimiser for a config (`sync_bn`: BatchNorm statistics over all the
+    processes of a run on several GPUs)."""
     device, memory_format = engine_device(cfg)
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.model, cfg.width, dataset.num_classes, **cfg.model_args)
     student = student.to(device, memory_format=memory_format)
     method = METHODS[cfg.method](cfg, student, teacher_model).to(device, memory_format=memory_format)
+    if sync_bn:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     params = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
     # Fused SGD with the learning rate as a device tensor: one kernel for the whole update, and no
     # host value baked into a captured step.
@@ -134,9 +143,18 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
 
     All runs must share `loader_key`. Returns each run's record (None: another process holds it).
     Finished runs are returned as they are; interrupted ones resume from their checkpoints.
+    Under torchrun (WORLD_SIZE > 1) the one run trains on all the processes (`kdlab.distributed`).
     """
     if len({loader_key(cfg) for cfg, _, _ in specs}) > 1:
         raise ValueError("runs of one group must share their loader settings (loader_key)")
+    world = distributed.current()
+    if world is not None:
+        if len(specs) > 1:
+            raise UserError("torchrun trains one run on several processes: use it with `kdlab train` or "
+                            "`kdlab distill`, and `kdlab grid --ray` for a study on several GPUs")
+        distributed.init(world, resolve_device(specs[0][0].device))
+        store = distributed.for_rank(store, world)
+        silent = silent or not world.main
     out: dict[str, RunRecord | None] = {}
     owner = owner_id()
     jobs = []
@@ -156,9 +174,10 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
         _keep_compile_caches(store.root)
     writer = CheckpointWriter(store)
     try:
-        with Heartbeat(store, [j.run_id for j in jobs], owner):
+        writes = getattr(store, "is_writer", True)  # in a run on several processes, rank 0 keeps the claim
+        with Heartbeat(store, [j.run_id for j in jobs], owner) if writes else nullcontext():
             dataset = dataset or load_dataset(jobs[0].cfg.dataset, jobs[0].cfg.data_dir)
-            _train_group(jobs, store, writer, dataset, quiet, silent)
+            _train_group(jobs, store, writer, dataset, quiet, silent, world)
     except BaseException as e:
         writer.close()
         for job in jobs:
@@ -168,6 +187,7 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
                 store.fail(job.run_id, f"{type(e).__name__}: {e}")
         raise
     writer.close()
+    distributed.barrier()  # the other processes read what rank 0 has just recorded
     for job in jobs:
         out[job.run_id] = store.get(job.run_id)
     return out
@@ -182,11 +202,15 @@ def _keep_compile_caches(root: Path) -> None:
 
 
 def _train_group(jobs: list[Job], store: Store, writer: CheckpointWriter, dataset: Dataset, quiet: bool,
-                 silent: bool) -> None:
+                 silent: bool, world: distributed.World | None) -> None:
     device = resolve_device(jobs[0].cfg.device)
-    train_loader, test_loader = build_loaders(jobs[0].cfg, dataset, device)
+    if world is not None and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    train_loader, test_loader = build_loaders(jobs[0].cfg, dataset, device, world)
     for job in jobs:
-        job.s = build(job.cfg, dataset, job.teacher.model if job.teacher else None)
+        # PyTorch has SyncBatchNorm for GPUs only: on CPUs the statistics stay per process.
+        sync_bn = world is not None and job.cfg.sync_bn and device.type == "cuda"
+        job.s = build(job.cfg, dataset, job.teacher.model if job.teacher else None, sync_bn)
         job.timer = SegmentTimer(device)
         store.set_info(job.run_id, device=device_name(device), versions_json=versions(),
                        params=count_params(job.s.student), paper_params=paper_params(job.s.student))
@@ -194,7 +218,7 @@ def _train_group(jobs: list[Job], store: Store, writer: CheckpointWriter, datase
         job.progress = Progress(job.cfg.epochs, len(train_loader), train_loader.batch_size,
                                 quiet=quiet or len(jobs) > 1, silent=silent,
                                 label=f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method} {job.run_id[:8]}")
-    engine = Engine(jobs, train_loader, test_loader, device, jobs[0].cfg.precision)
+    engine = Engine(jobs, train_loader, test_loader, device, jobs[0].cfg.precision, world)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     group_timer = SegmentTimer(device)
@@ -216,8 +240,7 @@ def _train_group(jobs: list[Job], store: Store, writer: CheckpointWriter, datase
         total = sum(own.values()) or 1.0
         for job in alive:
             job.timer.totals["data"] += data * own[job.run_id] / total
-            _end_epoch(job, store, writer, epoch, wall * own[job.run_id] / total, results[job.run_id],
-                       _teacher_share(job, engine))
+            _end_epoch(job, engine, store, writer, epoch, wall * own[job.run_id] / total, results[job.run_id])
     writer.flush()  # a run is finished only once its last checkpoint is on disk
     for job in jobs:
         if job.alive and job.history:
@@ -252,12 +275,12 @@ def _train_epoch(engine: Engine, jobs: list[Job], loader: DeviceLoader, group_ti
         engine.step(alive, batch, [j.cfg.lr * lr_factor(j.cfg, epoch, step, steps) for j in alive])
         if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
             for job in alive:
-                _check_finite(job, store, epoch)
+                _check_finite(job, engine, store, epoch)
 
 
-def _check_finite(job: Job, store: Store, epoch: int) -> None:
+def _check_finite(job: Job, engine: Engine, store: Store, epoch: int) -> None:
     """Every SYNC_EVERY steps: the one wait for the device. A non-finite loss fails the run."""
-    sums = job.sums.read()
+    sums = engine.read(job)
     if sums["bad"] >= 0:
         job.alive = False
         store.fail(job.run_id, f"loss became NaN or infinite at epoch {epoch + 1}, step {sums['bad'] + 1}")
@@ -265,17 +288,19 @@ def _check_finite(job: Job, store: Store, epoch: int) -> None:
     job.progress.step(epoch + 1, sums["steps"], sums["loss"], sums["correct"] / max(1, job.seen) * 100)
 
 
-def _end_epoch(job: Job, store: Store, writer: CheckpointWriter, epoch: int, wall: float,
-               test: tuple[float, float], teacher_s: float) -> None:
-    sums = job.sums.read()
+def _end_epoch(job: Job, engine: Engine, store: Store, writer: CheckpointWriter, epoch: int, wall: float,
+               test: tuple[float, float]) -> None:
+    sums = engine.read(job)
     t0 = time.perf_counter()
     metrics = {"train_loss": sums["loss"], "train_acc": sums["correct"] / max(1, job.seen) * 100, "lr": job.lr,
                "terms": sums["terms"], "test_loss": test[0], "test_acc": test[1]}
     job.history.append(metrics)
     done = epoch + 1
     snapshot = done if done in job.cfg.snapshots else None
-    if done % job.cfg.checkpoint_every == 0 or done == job.cfg.epochs or snapshot is not None:
-        writer.submit(job.run_id, _checkpoint_state(job, done, job.elapsed + wall, teacher_s), snapshot)
+    due = done % job.cfg.checkpoint_every == 0 or done == job.cfg.epochs or snapshot is not None
+    if due and getattr(store, "is_writer", True):  # in a run on several processes, rank 0 writes them
+        state = _checkpoint_state(job, done, job.elapsed + wall, _teacher_share(job, engine))
+        writer.submit(job.run_id, state, snapshot)
     wall += time.perf_counter() - t0
     job.elapsed += wall
     metrics["time_s"] = wall
@@ -333,4 +358,5 @@ def _timing_summary(job: Job, engine: Engine) -> dict[str, float]:
     parts["other_s"] = max(0.0, wall - sum(parts.values()))
     parts["wall_s"] = wall
     parts["compile_s"] = job.setup_s()
+    parts["processes"] = engine.world.size if engine.world is not None else 1
     return parts

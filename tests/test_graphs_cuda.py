@@ -49,7 +49,7 @@ def train(cfgs: list, teacher_model, dataset, epochs: int = 2) -> tuple[list[Job
         for step, batch in enumerate(train_loader.epoch(epoch)):
             engine.step(jobs, batch, [j.cfg.lr * lr_factor(j.cfg, epoch, step, steps) for j in jobs])
         for i, job in enumerate(jobs):
-            losses[i].append(job.sums.read()["loss"])
+            losses[i].append(engine.read(job)["loss"])
         engine.evaluate(jobs)
     torch.cuda.synchronize()
     return jobs, engine, losses
