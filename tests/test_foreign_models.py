@@ -68,7 +68,7 @@ def test_stage_features_follow_the_interface(name):
 
 def test_every_feature_method_on_a_timm_pair(tiny):
     from kdlab.data import load_dataset
-    from kdlab.loop import build
+    from kdlab.loop import build, build_loaders
     from kdlab.teacher import Teacher
 
     dataset = load_dataset("synthetic", tiny["data_dir"])
@@ -77,7 +77,7 @@ def test_every_feature_method_on_a_timm_pair(tiny):
         cfg = build_config("smoke", TIMM_S, overrides={**tiny, "width": 1.0, "method": method,
                                                         "teacher": None if method == "byot" else "t"})
         s = build(cfg, dataset, teacher_model)
-        batch = next(s.train_loader.epoch(0))
+        batch = next(build_loaders(cfg, dataset, s.device)[0].epoch(0))
         logits, terms = s.method(s.student, batch, Teacher(teacher_model))
         sum(terms.values()).backward()
         assert logits.shape == (len(batch.y), 10) and len(terms) >= 2, method

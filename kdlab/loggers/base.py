@@ -22,7 +22,7 @@ from kdlab.errors import UserError
 
 if TYPE_CHECKING:
     from kdlab.config import Config
-    from kdlab.store import RunRecord
+    from kdlab.store import RunRecord, Store
 
 LOGGERS: dict[str, type[Logger]] = {}
 
@@ -140,9 +140,12 @@ def _warn(name: str, e: BaseException) -> None:
           "and the runs database keeps everything", file=sys.stderr)
 
 
-def start_loggers(cfg: Config, run_id: str, label: str, runs_dir: Path) -> RunLoggers:
-    """The loggers this run asked for, started (one that cannot start warns and is left out)."""
-    run = RunStart(run_id, label, cfg.to_dict(), Path(runs_dir))
+def start_loggers(cfg: Config, run_id: str, label: str, store: Store) -> RunLoggers:
+    """The loggers this run asked for, started (one that cannot start warns and is left out). In a
+    run on several processes only the one that writes the store logs."""
+    if not getattr(store, "is_writer", True):
+        return RunLoggers()
+    run = RunStart(run_id, label, cfg.to_dict(), Path(store.root))
     loggers = []
     for cls in LOGGERS.values():
         if cls.wanted(cfg):
