@@ -19,11 +19,11 @@ from kdlab.config import PRESET_WIDTHS, Config, build_config, load_yaml
 from kdlab.data import Dataset, load_dataset
 from kdlab.data.arrays import as_dataset
 from kdlab.errors import UserError
-from kdlab.loop import prepare_teacher
+from kdlab.loop import CHECKPOINT_FORMAT, prepare_teacher
 from kdlab.loop import run as run_training
 from kdlab.models import create_model
 from kdlab.models.module_source import as_model, module_name, register_module
-from kdlab.models.weights import CHECKPOINT_FORMAT, file_identity, load_state, plain_state, read_checkpoint
+from kdlab.models.weights import file_identity, load_state, plain_state, read_checkpoint
 from kdlab.preflight import preflight
 from kdlab.store import DB_NAME, RunRecord, Store
 

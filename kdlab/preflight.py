@@ -15,6 +15,7 @@ from kdlab.data.datasets import Dataset
 from kdlab.errors import UserError
 from kdlab.methods import METHODS
 from kdlab.models import create_model
+from kdlab.models.foreign import dry_run
 from kdlab.models.weights import load_initial_weights
 
 
@@ -41,17 +42,12 @@ def preflight(cfg: Config, dataset: Dataset, teacher: nn.Module | None) -> None:
 
 def count_logits(model: nn.Module, image_hw: tuple[int, int], what: str) -> int:
     """How many logits ``model`` returns for an image of the data's size (eval mode, no gradients)."""
-    param = next(model.parameters(), None)
-    x = torch.zeros(2, 3, *image_hw, device=param.device if param is not None else None)
-    was_training = model.training
     try:
-        with torch.no_grad():
-            out = model.eval()(x)
+        with dry_run(model, image_hw, batch=2) as x:
+            out = model(x)
     except Exception as e:  # noqa: BLE001 (whatever the model raises on this input)
         raise UserError(f"{what} cannot run on {image_hw[0]}x{image_hw[1]} images: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    finally:
-        model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise UserError(f"{what} must return logits (batch, classes), got "
                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")

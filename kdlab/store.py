@@ -168,8 +168,11 @@ class Store:
 
     def _add_columns(self, columns: dict[str, str]) -> None:
         """Columns added after the first stores were written: added to an older database on open."""
+        have = {r[1] for r in self._conn.execute("PRAGMA table_info(runs)")}
+        if set(columns) <= have:
+            return
         with self.transaction() as c:
-            have = {r[1] for r in c.execute("PRAGMA table_info(runs)")}
+            have = {r[1] for r in c.execute("PRAGMA table_info(runs)")}  # another process may have added them
             for name, kind in columns.items():
                 if name not in have:
                     c.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")

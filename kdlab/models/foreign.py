@@ -17,7 +17,8 @@ it for features raises one line naming the methods that need them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,6 +28,29 @@ from kdlab.errors import UserError
 
 # Dry-run image sizes: stage outputs scale with the input, global pools do not.
 _PROBE_SIZES = (64, 128)
+
+
+@contextmanager
+def dry_run(model: nn.Module, image_hw: tuple[int, int], batch: int = 1) -> Iterator[Tensor]:
+    """Blank images on the model's device, with the model in eval mode and no gradients, so that a
+    look at its outputs changes nothing (BatchNorm statistics, dropout); its mode is restored after."""
+    param = next(model.parameters(), None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield torch.zeros(batch, 3, *image_hw, device=param.device if param is not None else None)
+    finally:
+        model.train(was_training)
+
+
+def unknown_model(library: str, name: str, known: Sequence[str]) -> UserError:
+    """One line for a name a library does not have, with the closest names it does."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return UserError(f"{library} has no model {name!r}{hint}: `kdlab models --all` lists them")
 
 
 def import_extra(module: str, extra: str) -> Any:
@@ -169,14 +193,11 @@ def _probe(net: nn.Module, name: str, nodes: Sequence[str],
     a 4-D map). Runs in eval mode without gradients, so nothing in the model changes."""
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    param = next(net.parameters(), None)
-    was_training = net.training
     out = []
     try:
         extractor = create_feature_extractor(net.eval(), return_nodes=list(nodes)).eval()
         for size in sizes:
-            x = torch.zeros(1, 3, size, size, device=param.device if param is not None else None)
-            with torch.no_grad():
+            with dry_run(net, (size, size)) as x:
                 maps = extractor(x).values()
             out.append([(int(v.shape[1]), int(v.shape[2])) if isinstance(v, Tensor) and v.ndim == 4 else None
                         for v in maps])
@@ -184,8 +205,6 @@ def _probe(net: nn.Module, name: str, nodes: Sequence[str],
         detail = str(e).splitlines()[0][:120] if str(e) else ""
         raise no_features(name, f"a dry run on blank {sizes[-1]}x{sizes[-1]} images failed: {type(e).__name__}: "
                                 f"{detail}") from None
-    finally:
-        net.train(was_training)
     return out
 
 

@@ -14,10 +14,10 @@ import sys
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdlab.models.foreign import dry_run
 from kdlab.models.registry import count_params, paper_params
 
 # A stem leaving the first blocks this many pixels per side or fewer loses most of a small image.
@@ -50,18 +50,13 @@ def profile(model: nn.Module, image_hw: tuple[int, int]) -> tuple[int | None, in
     sizes: list[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-2]))
              for m in model.modules() if isinstance(m, nn.Conv2d)]
-    param = next(model.parameters(), None)
-    x = torch.zeros(1, 3, *image_hw, device=param.device if param is not None else None)
-    was_training = model.training
     try:
-        model.eval()  # no BatchNorm statistics change, no dropout
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with dry_run(model, image_hw) as x, FlopCounterMode(display=False) as counter:
             model(x)
         flops = int(counter.get_total_flops())
     except Exception:  # noqa: BLE001 (a model that cannot run at this size: the run itself will say why)
         flops = None
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     if not sizes:

@@ -8,13 +8,12 @@ fetches the published weights where the machine can (``--set weights=PATH`` load
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from torch import nn
 
 from kdlab.errors import UserError
-from kdlab.models.foreign import ForeignModel, import_extra, pop_feature_nodes
+from kdlab.models.foreign import ForeignModel, import_extra, pop_feature_nodes, unknown_model
 from kdlab.models.registry import ModelSource, register_source
 
 
@@ -47,6 +46,4 @@ class TimmSource(ModelSource):
     def check(self, name: str) -> None:
         timm = import_extra("timm", "timm")
         if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"timm has no model {name!r}{hint}: `kdlab models --all` lists them")
+            raise unknown_model("timm", name, timm.list_models())

@@ -10,13 +10,12 @@ classifier is replaced by a new one for the data's classes.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from torch import nn
 
 from kdlab.errors import UserError
-from kdlab.models.foreign import ForeignModel, import_extra, pop_feature_nodes
+from kdlab.models.foreign import ForeignModel, import_extra, pop_feature_nodes, unknown_model
 from kdlab.models.registry import ModelSource, register_source
 
 # The constructor argument that scales every layer's width, for the families that have one.
@@ -67,9 +66,7 @@ class TorchvisionSource(ModelSource):
     def check(self, name: str) -> None:
         known = self.names()
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UserError(f"torchvision has no classification model {name!r}{hint}: `kdlab models --all` lists them")
+            raise unknown_model("torchvision", name, known)
 
 
 def replace_head(net: nn.Module, num_classes: int, name: str) -> nn.Module:

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from kdlab.errors import UserError
 from kdlab.models.foreign import ForeignModel, inner
 
-CHECKPOINT_FORMAT = "kdlab-checkpoint"
 _WARNED: set[str] = set()
 
 
@@ -44,6 +43,8 @@ def read_checkpoint(path: Path, trust: bool = False) -> Any:
 def plain_state(obj: Any) -> dict[str, Tensor] | None:
     """The state dict in a file's contents: the dict itself, or one under a usual key
     (``state_dict``, ``model``, ``model_state_dict``), without DataParallel's ``module.`` prefixes."""
+    from kdlab.loop import CHECKPOINT_FORMAT  # imported here: the loop imports this module
+
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return None
     for key in ("state_dict", "model_state_dict", "model"):
@@ -87,6 +88,8 @@ def load_state(model: nn.Module, state: dict[str, Tensor], what: str, skip_head:
 def load_initial_weights(model: nn.Module, path: str | Path) -> None:
     """Start ``model`` from the weights in a file (``--set weights=PATH``): a plain state dict or a
     kdlab checkpoint; a classifier for other classes is left as initialised, with a note."""
+    from kdlab.loop import CHECKPOINT_FORMAT  # imported here: the loop imports this module
+
     p = Path(path).expanduser()
     obj = read_checkpoint(p)
     state = plain_state(obj)
