@@ -44,6 +44,15 @@ def test_timm_and_torchvision_as_teacher_and_student(tmp_path, tiny):
     for student, teacher in ((tv_student, timm_teacher), (timm_student, tv_teacher)):
         assert student.status == "done" and student.config["teacher"] == teacher.run_id
         assert student.history[-1]["terms"].keys() == {"ce", "kd"} and student.timing["teacher_s"] > 0
+    # The report's Table 1 gives each model's FLOPs at the data's image size.
+    from kdlab.models.profile import format_flops
+    from kdlab.report import build_report, render
+    from kdlab.store import Store
+
+    store = Store(tmp_path, create=False)
+    table = render(build_report(store, dataset="synthetic", preset="smoke"), "md")
+    store.close()
+    assert "FLOPs" in table and format_flops(timm_teacher.flops) in table
     # A width where the family has none is one line, not a silently different model.
     with pytest.raises(UserError, match="built as named"):
         kdlab.train(TIMM_T, preset="smoke", runs_dir=tmp_path, **{**run, "width": 0.5})
@@ -238,3 +247,18 @@ def test_in_process_module_source_copies_the_module():
                                                 strict=True))
     with pytest.raises(UserError, match="exists only in the process"):
         create_model("module:Gone.0123456789abcdef", 1.0, 10)
+
+
+def test_an_older_store_gains_the_flops_column(tmp_path):
+    from kdlab.store import Store
+
+    store = Store(tmp_path)
+    store.ensure("old", build_config("smoke", "resnet18").to_dict())
+    store.close()
+    with sqlite3.connect(tmp_path / "kdlab.db") as c:  # as a store written before FLOPs were recorded
+        c.execute("ALTER TABLE runs DROP COLUMN flops")
+    store = Store(tmp_path, create=False)
+    assert store.get("old").flops is None
+    store.set_info("old", flops=123)
+    assert store.get("old").flops == 123
+    store.close()
