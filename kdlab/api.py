@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -157,9 +158,9 @@ def load_teacher(spec: str | Path | nn.Module, runs_dir: Path, model_name: str |
     Returns the model (weights loaded, on the CPU), its identity for the run's hash (the run id,
     'file:<sha256 prefix>' or 'module:<name>.<digest>') and the path of its weights (None for a module).
     """
-    if isinstance(spec, nn.Module):
+    if isinstance(spec, nn.Module):  # a copy: the run freezes and moves its teacher, not the caller's module
         name = module_name(spec)
-        return as_model(spec, name, getattr(spec, "num_classes", None)), name, None
+        return as_model(copy.deepcopy(spec), name, getattr(spec, "num_classes", None)), name, None
     path = Path(spec)
     if path.is_file():
         return _teacher_from_file(path, model_name, width, model_args, trust)

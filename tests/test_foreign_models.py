@@ -147,6 +147,7 @@ def test_python_api_with_two_hand_written_modules(tmp_path):
     assert rec.status == "done" and rec.config["model"].startswith("module:SmallCNN.")
     assert rec.config["teacher"].startswith("module:SmallCNN.") and rec.config["dataset"].startswith("arrays:")
     assert rec.config["width"] == 1.0 and rec.params == sum(p.numel() for p in student.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # the caller's module is left as it was
     # The same modules and arrays are the same run; other teacher weights or other data are another.
     assert kdlab.distill(teacher=teacher, student=student, data=data, **common).run_id == rec.run_id
     with torch.no_grad():
