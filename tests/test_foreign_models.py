@@ -56,6 +56,8 @@ def test_timm_and_torchvision_as_teacher_and_student(tmp_path, tiny):
     # A width where the family has none is one line, not a silently different model.
     with pytest.raises(UserError, match="built as named"):
         kdlab.train(TIMM_T, preset="smoke", runs_dir=tmp_path, **{**run, "width": 0.5})
+    with pytest.raises(UserError, match="the number of classes comes from the data"):
+        create_model(TV, 1.0, 10, num_classes=5)
 
 
 @pytest.mark.parametrize("name", [TIMM_T, TV, "torchvision:resnet18"])
