@@ -6,6 +6,7 @@ User errors print one line on stderr and exit with code 2; nothing else is caugh
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -140,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and their state, run nothing")
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the grid (default 1); on a CPU one per core, on a GPU a few")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster: auto (the one this node is in), "
+                   "HOST:PORT, or local (start Ray on this machine); needs kdlab[ray]")
+    p.add_argument("--gpus-per-run", type=float, help="with --ray: share of a GPU per run, e.g. 0.25 packs 4 "
+                   "small runs on a card (default 1 on a cluster with GPUs, else 0)")
+    p.add_argument("--retries", type=int, default=3, help="with --ray: times a run whose worker or node died "
+                   "is tried again (default 3)")
     _add_run_options(p)
 
     p = sub.add_parser("report", help="the paper's Tables 1-3 from the runs database, with statistics")
@@ -270,14 +277,28 @@ def _grid(args: argparse.Namespace) -> int:
                     method_args=_grid_method_args(args.method_arg), assistants=_csv(args.assistants))
     runs = plan(spec)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+    if args.ray:
+        from kdlab.ray_grid import check_ray
+
+        check_ray()
+        if args.workers != 1:
+            raise UserError("--workers and --ray do not mix: Ray places the runs (see --gpus-per-run)")
     if args.dry_run:
         store = Store(runs_dir, create=False) if (runs_dir / DB_NAME).exists() else None
         for r, state in zip(runs, states(runs, store), strict=True):
             print(f"{r.run_id}  {state:<8} {r.role:<8} {r.label}")
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
-    counts, failed_workers = run_with_workers(runs, runs_dir, args.workers, _without_option(args.argv[2:], "--workers"),
-                                              quiet=args.quiet, log=lambda m: print(m, file=sys.stderr))
+    log, failed_workers = functools.partial(print, file=sys.stderr), 0
+    if args.ray:
+        from kdlab.ray_grid import run_grid_ray
+
+        counts = run_grid_ray(runs, runs_dir, args.ray, gpus_per_run=args.gpus_per_run, retries=args.retries,
+                              log=log)
+    else:
+        counts, failed_workers = run_with_workers(runs, runs_dir, args.workers,
+                                                  _without_option(args.argv[2:], "--workers"), quiet=args.quiet,
+                                                  log=log)
     print(", ".join(f"{n} {k}" for k, n in counts.items()))
     return 0 if counts.get("failed", 0) == 0 and not failed_workers else 1
 
