@@ -53,11 +53,10 @@ class StoreWriter:
             self._claims[run_id] = owner
         return state
 
-    def release_all(self) -> int:
+    def release_all(self) -> None:
         """Give back every claim still held through this writer (the grid was interrupted)."""
         for run_id, owner in self._claims.items():
             self.store.release(run_id, owner)
-        return len(self._claims)
 
     def close(self) -> None:
         self.store.close()
