@@ -150,12 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
 
     p = sub.add_parser("report", help="the paper's Tables 1-3 from the runs database, with statistics")
-    p.add_argument("--runs-dir", help="runs database (default $KDLAB_RUNS_DIR or ./runs)")
+    p.add_argument("--runs-dir", action="append", help="runs database (default $KDLAB_RUNS_DIR or ./runs); "
+                   "repeat it to report the runs of several together (see kdlab merge)")
     p.add_argument("--format", default="md", choices=["md", "csv", "json", "latex"])
     p.add_argument("--compare-paper", action="store_true", help="the paper's VCL and Colab numbers beside ours")
     p.add_argument("--dataset", help="only this dataset's study")
     p.add_argument("--preset", help="only this preset's study")
     p.add_argument("--out", help="also write every format and the plots (PNG) into this folder")
+
+    p = sub.add_parser("merge", help="copy the runs and checkpoints of runs dirs from other machines into one; "
+                       "a run trained twice with different results is reported, never overwritten")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="runs dirs to copy from")
+    p.add_argument("--into", required=True, metavar="DST", help="runs dir to copy into (created if missing)")
 
     p = sub.add_parser("demo", help="the 15-run study on synthetic data on the CPU (smoke preset), then the report")
     p.add_argument("--runs-dir", default="kdlab-demo", help="where the demo's runs go (default ./kdlab-demo)")
@@ -330,17 +336,23 @@ def _without_option(argv: list[str], flag: str) -> list[str]:
 @command("report")
 def _report(args: argparse.Namespace) -> int:
     from kdlab.api import default_runs_dir
-    from kdlab.report import build_report, render, write_report
-    from kdlab.store import Store
+    from kdlab.merge import report_over
+    from kdlab.report import render, write_report
 
-    store = Store(Path(args.runs_dir) if args.runs_dir else default_runs_dir(), create=False)
-    report = build_report(store, dataset=args.dataset, preset=args.preset)
-    store.close()
+    report = report_over(args.runs_dir or [default_runs_dir()], dataset=args.dataset, preset=args.preset)
     print(render(report, args.format, compare_paper=args.compare_paper))
     if args.out:
         for path in write_report(report, Path(args.out), compare_paper=args.compare_paper):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+@command("merge")
+def _merge(args: argparse.Namespace) -> int:
+    from kdlab.merge import merge
+
+    result = merge(args.sources, args.into, log=print)
+    return 1 if result.combined.conflicts else 0
 
 
 @command("demo")
