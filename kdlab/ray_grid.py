@@ -74,16 +74,17 @@ def run_grid_ray(runs: list[PlannedRun], runs_dir: str | Path, address: str = "a
     ray = connect(address)
     gpus = _gpus_per_run(ray, gpus_per_run)
     dataset = dataset or load_dataset(runs[0].cfg.dataset, runs[0].cfg.data_dir)
+    runs_dir = Path(runs_dir).expanduser().resolve()  # the path every node must see
     Store(runs_dir).close()  # a bad runs dir fails here, in one line, as in the local grid
-    writer = _start_writer(ray, Path(runs_dir))
+    writer = _start_writer(ray, runs_dir)
     store = StoreProxy(runs_dir, _forward_to(ray, writer))
     counts = {"trained": 0, "skipped": 0, "failed": 0}
     tasks: dict[Any, list[PlannedRun]] = {}
     try:
         todo = _unfinished(runs, store, counts, log)
         tasks = _submit(ray, todo, writer, str(runs_dir), ray.put(dataset), gpus, retries)
-        errors = _wait(ray, tasks)
-        _count(todo, store, errors, counts, log)
+        log(f"{len(todo)} runs in {len(tasks)} Ray tasks ({gpus:g} GPU per run), checkpoints in {runs_dir}")
+        _collect(ray, tasks, store, counts, log)
     except BaseException:
         # Interrupted: stop the tasks and give back their claims, so the runs resume at once.
         for ref in tasks:
@@ -183,34 +184,28 @@ def _status(store: StoreProxy, run_id: str) -> str | None:
     return rec.status if rec is not None else None
 
 
-def _wait(ray: Any, tasks: dict[Any, list[PlannedRun]]) -> dict[str, str]:
-    """Wait for every task; returns the error of each run whose task failed for good."""
-    errors: dict[str, str] = {}
+def _collect(ray: Any, tasks: dict[Any, list[PlannedRun]], store: StoreProxy, counts: dict[str, int],
+             log: Callable[[str], Any]) -> None:
+    """As each task ends, read what became of its runs from the store, count and say it."""
     pending = list(tasks)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
+        error = None
         try:
             ray.get(done[0])
         except Exception as e:  # noqa: BLE001 (a task's failure is reported per run, not raised)
-            errors.update((r.run_id, _one_line(getattr(e, "cause", None) or e)) for r in tasks[done[0]])
-    return errors
-
-
-def _count(todo: list[PlannedRun], store: StoreProxy, errors: dict[str, str], counts: dict[str, int],
-           log: Callable[[str], Any]) -> None:
-    """Read what became of each run from the store, and say so."""
-    for r in todo:
-        rec = store.get(r.run_id)
-        teacher = _status(store, r.depends_on) if r.depends_on else "done"
-        if rec is not None and rec.status == "done":
-            counts["trained"] += 1
-            log(f"done {r.run_id[:8]} {r.label}: {rec.final_acc:.2f}%")
-        elif teacher != "done":
-            counts["failed"] += 1
-            log(f"skip {r.label}: its teacher run {r.depends_on} failed, so it was not run")
-        else:
-            counts["failed"] += 1
-            log(f"failed {r.label}: {rec.error if rec is not None and rec.error else errors.get(r.run_id)}")
+            error = _one_line(getattr(e, "cause", None) or e)
+        for r in tasks[done[0]]:
+            rec = store.get(r.run_id)
+            if rec is not None and rec.status == "done":
+                counts["trained"] += 1
+                log(f"done {r.run_id[:8]} {r.label}: {rec.final_acc:.2f}%")
+            elif r.depends_on and _status(store, r.depends_on) != "done":
+                counts["failed"] += 1
+                log(f"skip {r.label}: its teacher run {r.depends_on} failed, so it was not run")
+            else:
+                counts["failed"] += 1
+                log(f"failed {r.label}: {rec.error if rec is not None and rec.error else error}")
 
 
 def _one_line(e: BaseException) -> str:
