@@ -86,12 +86,12 @@ def run_grid_ray(runs: list[PlannedRun], runs_dir: str | Path, address: str = "a
         log(f"{len(todo)} runs in {len(tasks)} Ray tasks ({gpus:g} GPU per run), checkpoints in {runs_dir}")
         _collect(ray, tasks, store, counts, log)
     except BaseException:
-        # Interrupted: stop the tasks and give back their claims, so the runs resume at once.
-        for ref in tasks:
+        for ref in tasks:  # interrupted: stop the tasks
             ray.cancel(ref, force=True)
-        ray.get(writer.release_all.remote())
         raise
     finally:
+        # Claims of tasks that died for good (or were stopped) go back, so the runs resume at once.
+        ray.get(writer.release_all.remote())
         ray.kill(writer)
     return counts
 

@@ -54,7 +54,8 @@ class StoreWriter:
         return state
 
     def release_all(self) -> None:
-        """Give back every claim still held through this writer (the grid was interrupted)."""
+        """Give back every claim still held through this writer (the grid ended or was interrupted):
+        only runs still marked running under that claim change (to pending)."""
         for run_id, owner in self._claims.items():
             self.store.release(run_id, owner)
 
