@@ -1,8 +1,8 @@
 """The grid on a Ray cluster: the same runs as `kdlab.grid.run_grid`, placed by Ray.
 
-Every group of runs the local grid trains together (the students of one teacher share its forward
-per batch; every other run is a group of one) becomes one Ray task. Ray does the rest, as its own
-features, not a scheduler of ours:
+The students of one teacher train together in one Ray task (they share its forward per batch);
+every other run is a task of its own. Ray does the rest, with its own features, not a scheduler
+of ours:
 
 - placement: each task asks for `gpus_per_run` of a GPU per run (fractions pack small students
   several to a card) and one CPU;
@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.errors import UserError
-from kdlab.grid import POLL_S, PlannedRun, _groups, _teacher
+from kdlab.grid import POLL_S, PlannedRun, _teacher
+from kdlab.loop import loader_key
 from kdlab.store import Store
 from kdlab.store_proxy import StoreProxy, StoreWriter
 
@@ -146,7 +147,7 @@ def _submit(ray: Any, todo: list[PlannedRun], writer: Any, runs_dir: str, datase
     train = ray.remote(_train_task)
     trained_by: dict[str, Any] = {}  # run id -> ref of the task that trains it
     tasks: dict[Any, list[PlannedRun]] = {}
-    for group in _groups(todo):  # `todo` is in dependency order, so teachers' tasks come first
+    for group in _task_groups(todo):  # `todo` is in dependency order, so teachers' tasks come first
         after = list(dict.fromkeys(trained_by[r.depends_on] for r in group if r.depends_on in trained_by))
         ref = train.options(num_gpus=min(1.0, gpus * len(group)), max_retries=retries,
                             retry_exceptions=list(RETRY_EXCEPTIONS)).remote(group, writer, runs_dir, dataset_ref,
@@ -154,6 +155,17 @@ def _submit(ray: Any, todo: list[PlannedRun], writer: Any, runs_dir: str, datase
         tasks[ref] = group
         trained_by.update((r.run_id, ref) for r in group)
     return tasks
+
+
+def _task_groups(todo: list[PlannedRun]) -> list[list[PlannedRun]]:
+    """The runs of one task: the students of one teacher on the same batches together (they share
+    its forward), every other run alone. Not the local grid's grouping on a GPU (every run on the
+    same batches in one process, to keep one card busy): here Ray spreads the tasks over the
+    cluster's GPUs and packs small ones on a card. A teacher is never in its students' task."""
+    groups: dict[Any, list[PlannedRun]] = {}
+    for r in todo:
+        groups.setdefault((loader_key(r.cfg), r.depends_on) if r.depends_on else r.run_id, []).append(r)
+    return list(groups.values())
 
 
 def _train_task(group: list[PlannedRun], writer: Any, runs_dir: str, dataset: Any, *teachers_done: Any) -> None:

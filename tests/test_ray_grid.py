@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from kdlab.cli import main
 from kdlab.grid import GridSpec, plan
@@ -78,16 +79,17 @@ def test_a_killed_worker_is_retried_and_the_run_resumes_from_its_checkpoint(tmp_
     seen: dict = {}
 
     def kill_the_worker_after_epoch_2() -> None:
-        db = runs_dir / "kdlab.db"
+        db, ckpt = runs_dir / "kdlab.db", runs_dir / "checkpoints" / f"{teacher.run_id}.pt"
         deadline = time.time() + 120
         while time.time() < deadline and "pid" not in seen:
             time.sleep(0.02)
-            if not db.exists():
+            # Checkpoints are written off the training thread: wait for one that holds epoch 2.
+            if not ckpt.exists() or torch.load(ckpt, weights_only=True)["epoch"] < 2:
                 continue
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
                 row = c.execute("SELECT status, owner, epochs_done FROM runs WHERE run_id=?",
                                 (teacher.run_id,)).fetchone()
-                if row and row[0] == "running" and row[2] >= 2:
+                if row and row[0] == "running":
                     seen["epoch_1"] = c.execute("SELECT * FROM epochs WHERE run_id=? AND epoch=1",
                                                 (teacher.run_id,)).fetchone()
                     seen["at"], seen["pid"] = row[2], int(row[1].split(":")[1])  # owner is host:pid:random
