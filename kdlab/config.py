@@ -261,6 +261,7 @@ def validate(cfg: Config) -> None:
          f"compile={cfg.compile} captures CUDA graphs itself: set graphs=false with it, or use compile=default "
          "or max-autotune-no-cudagraphs (kdlab then captures the graphs)"),
         (all(1 <= e <= cfg.epochs for e in cfg.snapshots), f"snapshots are epochs in 1..{cfg.epochs}"),
+        ("num_classes" not in cfg.model_args, "model_args num_classes: the number of classes comes from the data"),
     ]
     for ok, message in checks:
         if not ok:

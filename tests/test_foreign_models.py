@@ -57,7 +57,7 @@ def test_timm_and_torchvision_as_teacher_and_student(tmp_path, tiny):
     with pytest.raises(UserError, match="built as named"):
         kdlab.train(TIMM_T, preset="smoke", runs_dir=tmp_path, **{**run, "width": 0.5})
     with pytest.raises(UserError, match="the number of classes comes from the data"):
-        create_model(TV, 1.0, 10, num_classes=5)
+        build_config("smoke", TV, overrides={"model_args": {"num_classes": 5}})
 
 
 @pytest.mark.parametrize("name", [TIMM_T, TV, "torchvision:resnet18"])

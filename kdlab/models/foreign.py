@@ -273,8 +273,6 @@ def inner(model: nn.Module) -> nn.Module:
 def pop_feature_nodes(model_args: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None]:
     """Split kdlab's own ``feature_nodes`` from the constructor arguments."""
     args = dict(model_args)
-    if "num_classes" in args:
-        raise UserError("model_args num_classes: the number of classes comes from the data, drop it")
     nodes = args.pop("feature_nodes", None)
     if nodes is not None and (not isinstance(nodes, (list, tuple)) or not nodes
                               or not all(isinstance(n, str) for n in nodes)):
