@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -101,13 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="weight of cross-entropy in equation (2) (paper: 0.7)")
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a method's own hyperparameter (repeatable)")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="distil even if the teacher was trained on other data (another fingerprint or image size)")
     _add_run_options(p)
 
     p = sub.add_parser("grid", help="run the study: teachers, students alone, every student from every teacher")
-    p.add_argument("--teachers", default=",".join(PAPER_MODELS), help="comma-separated teacher models")
-    p.add_argument("--students", default=",".join(PAPER_MODELS), help="comma-separated student models (half width)")
+    p.add_argument("--teachers", default=",".join(PAPER_MODELS),
+                   help="comma-separated teacher models, each MODEL or MODEL@WIDTH")
+    p.add_argument("--students", default=",".join(PAPER_MODELS),
+                   help="comma-separated student models, each MODEL or MODEL@WIDTH")
+    p.add_argument("--teacher-width", type=float,
+                   help="width of teachers given without @WIDTH (default: the preset's, 1.0; smoke 0.125)")
+    p.add_argument("--student-width", type=float,
+                   help="width of students given without @WIDTH (default: the preset's, 0.5; smoke 0.0625)")
     p.add_argument("--methods", default="kd", help="comma-separated distillation methods (default kd)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every run (default 1)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="number of seeds (default 1): S, S+1, ... S+N-1, where S is --seed (default 0)")
     p.add_argument("--method-arg", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method's own hyperparameter, e.g. dkd.beta=8 (repeatable)")
     p.add_argument("--assistants", default="",
@@ -200,7 +210,8 @@ def _distill(args: argparse.Namespace) -> int:
              "method_args": _pairs(args.method_arg, "--method-arg") or None}
     record = distill(args.teacher, args.student, teacher_model=args.teacher_model, teacher_width=args.teacher_width,
                      method=args.method, preset=args.preset, config=args.config, runs_dir=args.runs_dir,
-                     quiet=args.quiet, verbose=True, **_overrides(args, extra))
+                     quiet=args.quiet, verbose=True, allow_other_data=args.allow_other_data,
+                     **_overrides(args, extra))
     return _print_record(record)
 
 
@@ -208,11 +219,18 @@ def _print_record(record: Any) -> int:
     cfg = record.config
     if record.status == "failed":
         raise UserError(f"run {record.run_id} failed: {record.error}")
+    data = (cfg.get("data_info") or {}).get("name", cfg["dataset"])
     print(f"run {record.run_id}: {cfg['model']} width {cfg['width']:g}, method {cfg['method']}, "
-          f"{cfg['dataset']}, seed {cfg['seed']}")
+          f"{data}, seed {cfg['seed']}")
     print(f"final test accuracy {record.final_acc:.2f}% (last epoch; best {record.best_acc:.2f}% at epoch "
           f"{record.best_epoch}), {record.epochs_done} epochs in {record.wall_s:.1f}s on {record.device}")
     print(f"checkpoint {record.checkpoint}")
+    if record.diverged:
+        # Finished, but not a result: say so last, where it is read, and exit non-zero for scripts.
+        why = record.health.partition(": ")[2]
+        print(f"run {record.run_id} DIVERGED: {why}; its accuracy is not a result (the report lists it as "
+              "diverged): lower the lr or the method's loss weights")
+        return 1
     return 0
 
 
@@ -230,18 +248,19 @@ def _grid(args: argparse.Namespace) -> int:
     spec = GridSpec(teachers=_csv(args.teachers), students=_csv(args.students), seeds=args.seeds,
                     preset=args.preset, methods=_csv(args.methods), dataset=args.dataset, data_dir=args.data_dir,
                     config=args.config, overrides={k: v for k, v in overrides.items() if v is not None},
-                    method_args=_grid_method_args(args.method_arg), assistants=_csv(args.assistants))
+                    method_args=_grid_method_args(args.method_arg), assistants=_csv(args.assistants),
+                    teacher_width=args.teacher_width, student_width=args.student_width)
     runs = plan(spec)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     if args.dry_run:
-        store = Store(runs_dir, create=False) if (runs_dir / DB_NAME).exists() else None
+        store = Store(runs_dir, readonly=True) if (runs_dir / DB_NAME).exists() else None
         for r, state in zip(runs, states(runs, store), strict=True):
             print(f"{r.run_id}  {state:<8} {r.role:<8} {r.label}")
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
     counts, failed_workers = run_with_workers(runs, runs_dir, args.workers, _without_workers(args.argv[2:]),
                                               quiet=args.quiet, log=lambda m: print(m, file=sys.stderr))
-    print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    print(", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "diverged"))
     return 0 if counts.get("failed", 0) == 0 and not failed_workers else 1
 
 
@@ -274,7 +293,7 @@ def _report(args: argparse.Namespace) -> int:
     from kdlab.report import build_report, render, write_report
     from kdlab.store import Store
 
-    store = Store(Path(args.runs_dir) if args.runs_dir else default_runs_dir(), create=False)
+    store = Store(Path(args.runs_dir) if args.runs_dir else default_runs_dir(), readonly=True)
     report = build_report(store, dataset=args.dataset, preset=args.preset)
     store.close()
     print(render(report, args.format, compare_paper=args.compare_paper))
@@ -301,7 +320,7 @@ def _demo(args: argparse.Namespace) -> int:
                  "--seeds", str(args.seeds)]
     run_with_workers(runs, runs_dir, args.workers, grid_args, silent=args.quiet,
                      log=lambda m: print(m, file=sys.stderr))
-    store = Store(runs_dir, create=False)
+    store = Store(runs_dir, readonly=True)
     report = build_report(store, dataset="synthetic", preset="smoke")
     store.close()
     print(render(report, "md", compare_paper=True))
@@ -338,7 +357,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = ["kdlab", *argv]
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # so that a reader who left (`| head`) shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader of our output is gone: stop quietly, as Unix tools do (exit 128 + SIGPIPE).
+        # Point stdout at /dev/null so that Python's own flush at exit does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UserError as e:
         sys.stderr.write(f"kdlab: error: {e}\n")
         return 2

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdlab import health
 from kdlab.config import Config
 from kdlab.data import load_dataset
 from kdlab.data.datasets import Dataset
@@ -336,7 +337,8 @@ def _finish(job: Job, store: Store, device: torch.device, group_size: int) -> No
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     store.finish(job.run_id, {"final_acc": history[-1]["test_acc"], "best_acc": history[best]["test_acc"],
                               "best_epoch": best + 1, "wall_s": job.elapsed, "timing": timing,
-                              "peak_mem_bytes": peak})
+                              "peak_mem_bytes": peak,
+                              "health": health.assess(history, getattr(job.s.student, "num_classes", None))})
 
 
 @torch.no_grad()

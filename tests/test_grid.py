@@ -21,8 +21,8 @@ TINY_GRID = ["--preset", "smoke", "--dataset", "synthetic", "--epochs", "1", "--
              "--set", "test_limit=64", "--batch-size", "64"]
 
 
-def test_plan_is_the_paper_grid_in_dependency_order():
-    runs = plan(GridSpec(seeds=2, preset="smoke", dataset="synthetic"))
+def test_plan_is_the_paper_grid_in_dependency_order(synthetic_dir):
+    runs = plan(GridSpec(seeds=2, preset="smoke", dataset="synthetic", data_dir=str(synthetic_dir)))
     assert len(runs) == 30
     roles = [r.role for r in runs]
     assert roles == sorted(roles, key=["teacher", "student", "assistant", "distill"].index)
@@ -36,9 +36,9 @@ def test_plan_is_the_paper_grid_in_dependency_order():
     assert len(by_id) == 30  # every run distinct
 
 
-def test_plan_methods_without_teacher_and_takd_chains():
+def test_plan_methods_without_teacher_and_takd_chains(synthetic_dir):
     runs = plan(GridSpec(teachers=["resnet18"], students=["vgg16"], preset="smoke", methods=["kd", "dml"],
-                         assistants=["resnet18@0.75"]))
+                         assistants=["resnet18@0.75"], dataset="synthetic", data_dir=str(synthetic_dir)))
     labels = [r.label for r in runs]
     assert "vgg16_half dml s0" in labels and [r for r in runs if r.cfg.method == "dml"][0].cfg.teacher is None
     assistant = next(r for r in runs if r.role == "assistant")

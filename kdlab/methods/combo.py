@@ -50,6 +50,16 @@ class Combination(Method):
         return any(name in METHODS and name != cls.name and METHODS[name].needs_teacher_for(cfg) for name in parts)
 
     @classmethod
+    def versions(cls, cfg):
+        out = super().versions(cfg)
+        parts, args = cfg.method_args.get("parts"), cfg.method_args.get("args") or {}
+        if isinstance(parts, dict) and isinstance(args, dict):  # else check_config reports them
+            for name in sorted(parts):
+                if name in METHODS and name != cls.name:
+                    out.update(METHODS[name].versions(_part_config(cfg, name, args)))
+        return out
+
+    @classmethod
     def check_config(cls, cfg):
         super().check_config(cfg)
         a = method_args(cls, cfg)

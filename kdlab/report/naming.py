@@ -9,7 +9,6 @@ preset (`epochs=5`): runs of different recipes never share a study.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from kdlab import paper
 from kdlab.errors import UserError
+from kdlab.models.registry import display_name
 
 if TYPE_CHECKING:
     from kdlab.store import RunRecord
@@ -26,15 +26,6 @@ IDENTITY_FIELDS = frozenset({"preset", "model", "width", "dataset", "data_dir", 
                              "teacher_path", "device", "seed", "eval_batch_size"})
 METHOD_FIELDS = ("temperature", "alpha", "method_args")  # only distillation runs use these
 _SHORT = {"temperature": "T"}
-
-
-def display_name(model: str, width: float, teacher_width: float) -> str:
-    """The paper's names: `model` at the teacher width, `model_half` at half of it, else `model@width`."""
-    if math.isclose(width, teacher_width):
-        return model
-    if math.isclose(width, teacher_width / 2):
-        return f"{model}_half"
-    return f"{model}@{width:g}"
 
 
 def family_rank(model: str) -> tuple[int, str]:

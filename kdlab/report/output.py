@@ -63,7 +63,7 @@ def report(runs_dir: str | Path | None = None, out_dir: str | Path | None = None
     from kdlab.api import default_runs_dir
     from kdlab.store import Store
 
-    store = Store(runs_dir if runs_dir is not None else default_runs_dir(), create=False)
+    store = Store(runs_dir if runs_dir is not None else default_runs_dir(), readonly=True)
     try:
         result = build_report(store, dataset=dataset, preset=preset)
     finally:
