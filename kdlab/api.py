@@ -83,11 +83,7 @@ def resolve_config(preset: str, model: str, config: str | Path | None, overrides
     """Preset, then the YAML file, then explicit overrides (None values mean 'not given'); then the
     dataset is identified by its content (`bind_dataset`), which the run's id covers."""
     file_values = load_yaml(config) if config else {}
-    cfg = bind_dataset(build_config(preset, model, file_values, {k: v for k, v in overrides.items() if v is not None}))
-    note = input_size_note(cfg.model, cfg.data_info["image_size"])
-    if note:
-        warn(note)
-    return cfg
+    return bind_dataset(build_config(preset, model, file_values, {k: v for k, v in overrides.items() if v is not None}))
 
 
 def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: StagedModel | None = None,
@@ -103,6 +99,9 @@ def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: StagedMo
     # Load the data before touching the database: a bad data dir must leave it unchanged.
     dataset = load_dataset(cfg.dataset, cfg.data_dir)
     check_unchanged(dataset, cfg)
+    note = input_size_note(cfg.model, dataset.train.images.shape[1:3])
+    if note:
+        warn(note)
     store = Store(runs)
     teacher = prepare_teacher(teacher_model, cfg, cfg.teacher) if teacher_model is not None else None
     try:

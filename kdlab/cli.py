@@ -182,14 +182,20 @@ def _methods(args: argparse.Namespace) -> int:
     from kdlab.methods import METHODS
 
     rows = [{"name": name, "teacher": cls.needs_teacher, "features": cls.uses_features, "args": cls.defaults,
-             "paper": cls.paper} for name, cls in sorted(METHODS.items())]
+             "paper": cls.paper, "setting": cls.setting, "notes": cls.notes, "version": cls.version}
+            for name, cls in sorted(METHODS.items())]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
         needs = "teacher" if r["teacher"] else "no teacher"
-        args_text = ", ".join(f"{k}={v}" for k, v in r["args"].items()) or "-"
-        print(f"{r['name']:<8} {needs:<11} {r['paper']}\n{'':<20} args: {args_text}")
+        args_text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["args"].items())
+        print(f"{r['name']:<8} {needs:<11} {r['paper']}\n{'':<20} args: {args_text or '-'}")
+        for label in ("setting", "notes"):
+            if r[label]:
+                print(f"{'':<20} {'defaults from' if label == 'setting' else 'note'}: {r[label]}")
+    print("Defaults are tuned for the setting named; on other data, lrs, batch sizes or run lengths, check them: "
+          "a run whose training falls apart is flagged as diverged.")
     return 0
 
 

@@ -41,6 +41,7 @@ class Combination(Method):
     needs_teacher = False  # it needs one if a part does: checked per part in check_config
     defaults = {"parts": {}, "args": {}, "ce_once": True}
     paper = "weighted combination of registered methods (no paper)"
+    setting = "each part keeps its own defaults and their setting (see that method)"
 
     @classmethod
     def needs_teacher_for(cls, cfg):

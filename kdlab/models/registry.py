@@ -147,9 +147,11 @@ def model_family(name: str) -> str:
     return _FAMILIES[name]
 
 
-def display_name(model: str, width: float, reference_width: float) -> str:
+def display_name(model: str, width: float, reference_width: float | None) -> str:
     """The paper's names: `model` at the reference (teacher) width, `model_half` at half of it, else
-    `model@width`."""
+    (or without a reference) `model@width`."""
+    if reference_width is None:
+        return f"{model}@{width:g}"
     if math.isclose(width, reference_width):
         return model
     if math.isclose(width, reference_width / 2):

@@ -17,7 +17,7 @@ class ModelRow:
     """A Table 1 row: one model trained without KD (ce), over its seeds."""
 
     family: str
-    role: str  # "T" (teacher) or "S" (student alone)
+    role: str  # "T" (teacher), "S" (student alone), "T/S" (both) or "—" (neither), from the runs
     model: str  # display name
     model_name: str  # registry name
     width: float
@@ -78,9 +78,9 @@ class Cell:
 
 @dataclass
 class Missing:
-    """A run the study lacks or cannot use: absent, unfinished, without baseline, or a duplicate."""
+    """A run the study planned but cannot use: unfinished, diverged, without baseline, or a duplicate."""
 
-    kind: str  # absent | unfinished | baseline | teacher | duplicate
+    kind: str  # unfinished | diverged | baseline | teacher | duplicate
     what: str
     seed: int | None
     status: str
@@ -110,15 +110,16 @@ class NoiseRow:
 class Study:
     """The runs sharing dataset, preset and recipe, arranged as the paper's tables."""
 
-    dataset: str
+    dataset: str  # the data's name (with its fingerprint when two datasets share a name)
     preset: str
     recipe: str  # settings that differ from the preset ("" when none)
-    teacher_width: float
+    teacher_width: float | None  # the width of the study's teachers; None when no run is a teacher
     seeds: list[int]
     table1: list[ModelRow]
     cells: list[Cell]
     missing: list[Missing]
     noise: list[NoiseRow]
+    data: str = ""  # what the runs were trained on: name, image size, classes, counts, fingerprint
 
     @property
     def name(self) -> str:

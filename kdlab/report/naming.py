@@ -1,7 +1,8 @@
 """Names in the report: models by width, methods with their hyperparameters, recipes, and what each run is.
 
-Display names are relative to the study's teacher width W: `resnet18` at W, `resnet18_half` at
-W/2, `resnet18@0.25` otherwise. A method's label carries the hyperparameters that differ from its
+Display names are relative to the study's teacher width W, the width of the runs the study
+distils from: `resnet18` at W, `resnet18_half` at W/2, `resnet18@0.25` otherwise (and always
+`model@width` in a study without teachers). A method's label carries the hyperparameters that differ from its
 preset (`kd(T=4, alpha=0.5)`), and a run's *recipe* is every other setting that differs from the
 preset (`epochs=5`): runs of different recipes never share a study.
 """
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
     from kdlab.store import RunRecord
 
 # Config fields that name a run (or say where it ran) rather than how it was trained.
-IDENTITY_FIELDS = frozenset({"preset", "model", "width", "dataset", "data_dir", "method", "teacher",
-                             "teacher_path", "device", "seed", "eval_batch_size"})
+IDENTITY_FIELDS = frozenset({"preset", "model", "width", "dataset", "data_dir", "data_fingerprint", "data_info",
+                             "method", "teacher", "teacher_path", "device", "seed", "eval_batch_size"})
 METHOD_FIELDS = ("temperature", "alpha", "method_args")  # only distillation runs use these
 _SHORT = {"temperature": "T"}
 
@@ -33,13 +34,15 @@ def family_rank(model: str) -> tuple[int, str]:
     return (paper.FAMILIES.index(model) if model in paper.FAMILIES else len(paper.FAMILIES), model)
 
 
-def study_teacher_width(preset: str, widths: Iterable[float]) -> float:
-    """W: the preset's teacher width; for a preset kdlab does not know, the largest width used."""
-    from kdlab.config import PRESET_WIDTHS
-
-    if preset in PRESET_WIDTHS:
-        return PRESET_WIDTHS[preset][0]
-    return max(widths, default=1.0)
+def study_teacher_width(runs: Iterable[RunRecord], by_id: dict[str, RunRecord]) -> float | None:
+    """W, from the runs themselves: the width of the study's teachers (runs some run distils from,
+    or a grid planned as teachers; the widest if several). None when no run is a teacher."""
+    widths = [r.config["width"] for r in runs if r.role == "teacher"]
+    for r in runs:
+        teacher = by_id.get(str(r.config.get("teacher") or "").partition("@")[0])
+        if teacher is not None and teacher.config.get("method") == "ce":
+            widths.append(teacher.config["width"])
+    return max(widths, default=None)
 
 
 @cache
@@ -120,7 +123,8 @@ def slot_text(name: str, teacher: str | None, method: str) -> str:
     return f"{name} <- {teacher} ({method})" if teacher else f"{name} ({method}, no teacher)"
 
 
-def describe(r: RunRecord, tw: float, by_id: dict[str, RunRecord]) -> RunInfo:
+def describe(r: RunRecord, tw: float | None, by_id: dict[str, RunRecord]) -> RunInfo:
+    """A run's names and teacher within its study (`tw`: the study's teacher width, if it has one)."""
     cfg = r.config
     info = RunInfo(r, display_name(cfg["model"], cfg["width"], tw), cfg["model"], cfg["width"],
                  method_label(cfg), int(cfg["seed"]))

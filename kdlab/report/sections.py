@@ -17,12 +17,11 @@ from kdlab.report.text import DASH, fmt_duration, fmt_gain, fmt_summary, fmt_tim
 TIMING_PARTS = (("data_s", "Data"), ("teacher_s", "Teacher fwd"), ("student_s", "Student step"),
                 ("eval_s", "Eval"), ("other_s", "Other"))
 
-PAPER_NOTE = (f"Paper values: {paper.SOURCE}; one run per cell on NCSU VCL and on Google Colab. "
-              "Our data is the JPEG copy of CIFAR-10 (or synthetic data) trained with kdlab's code and "
-              "recipe, so absolute numbers are not a reproduction: compare directions and sizes of "
-              "differences. The paper's Table 1 gives one time per row (taken as VCL). Its Colab gains "
-              "for resnet18_half are 0.03 below Colab acc minus Table 1's student acc; they are shown as "
-              "printed.")
+PAPER_NOTE = (f"Paper values: {paper.SOURCE}; one run per cell on NCSU VCL and on Google Colab, on "
+              "CIFAR-10. Our runs used the data named under each study, with kdlab's code and recipe, so "
+              "absolute numbers are not a reproduction: compare directions and sizes of differences. The "
+              "paper's Table 1 gives one time per row (taken as VCL). Its Colab gains for resnet18_half are "
+              "0.03 below Colab acc minus Table 1's student acc; they are shown as printed.")
 
 
 @dataclass
@@ -68,7 +67,9 @@ def _table1_section(study: Study, compare: bool) -> Section:
             row += [DASH] * 3 if ref is None else [num(ref.acc_vcl), num(ref.acc_colab),
                                                    fmt_duration(ref.time_vcl_s)]
         rows.append(row)
-    return Section("Table 1: training without KD (T = teacher, S = student alone)", header, rows)
+    return Section("Table 1: training without KD (T = teacher, S = student alone)", header, rows,
+                   ["Roles come from the runs: T when some run distils from it (or a grid planned it as a "
+                    f"teacher), S when a distilled run trains its model and width; {DASH} when neither."])
 
 
 def _kd_section(study: Study, method: str, compare: bool) -> Section:
@@ -171,8 +172,10 @@ def _missing_section(study: Study) -> Section:
 def intro(report: Report, compare: bool) -> list[str]:
     """The paragraphs before the first study: what the numbers are, and notes."""
     lines = [f"Runs: {report.source}. Accuracy is the test accuracy after the last epoch (%), never the "
-             "best epoch. With several seeds: mean ± std [95% CI]; gains are per-seed differences from the "
-             "student trained alone, with a paired t-test (significant at p < 0.05)."]
+             "best epoch. With several seeds: mean ± std [95% CI] (accuracy intervals clipped to 0-100); "
+             "gains are per-seed differences from the student trained alone, with a paired t-test "
+             "(significant at p < 0.05). Diverged runs (training loss rising without learning, or training "
+             "accuracy collapsing) are listed, never averaged in."]
     if compare:
         lines.append(PAPER_NOTE)
     return lines + report.notes
@@ -182,5 +185,7 @@ def study_line(study: Study) -> str:
     """One line under a study's title: its seeds and how its model names read."""
     tw = study.teacher_width
     seeds = ", ".join(map(str, study.seeds)) or DASH
-    return (f"Seeds: {seeds}. Teacher width {tw:g}: `resnet18` means width {tw:g}, `resnet18_half` "
-            f"width {tw / 2:g}, `model@w` any other width.")
+    names = ("No run is a teacher, so models are named `model@width`." if tw is None else
+             f"Teacher width {tw:g}: `resnet18` means width {tw:g}, `resnet18_half` width {tw / 2:g}, `model@w` "
+             "any other width.")
+    return f"Data: {study.data}. Seeds: {seeds}. {names}"

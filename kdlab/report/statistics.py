@@ -7,12 +7,12 @@ numbers come from `kdlab.stats`; this module only decides what is compared with 
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kdlab import paper, stats
+from kdlab import health, paper, stats
 from kdlab.report.model import Cell, Missing, ModelRow, NoiseRow
 from kdlab.report.naming import RunInfo
 from kdlab.stats import PairedResult, Summary
@@ -24,9 +24,26 @@ Alone = dict[tuple[str, float, int], "RunRecord"]  # (model, width, seed) -> fin
 Rows = dict[tuple[str, float], ModelRow]  # (model, width) -> Table 1 row
 
 
+def verdict(r: RunRecord) -> str:
+    """The run's health (kdlab.health): as stored, or judged from its history for runs finished
+    before kdlab stored it."""
+    if r.health is not None:
+        return r.health
+    return health.assess(r.history, (r.config.get("data_info") or {}).get("classes"))
+
+
 def usable(r: RunRecord) -> bool:
-    """A run that may enter a table: finished, with an accuracy."""
-    return r.status == "done" and r.final_acc is not None
+    """A run that may enter a table: finished, with an accuracy, and not diverged."""
+    return r.status == "done" and r.final_acc is not None and not health.is_diverged(verdict(r))
+
+
+def accuracy_summary(values: list[float]) -> Summary:
+    """Mean, spread and 95% interval of accuracies; the interval is clipped to 0-100, where
+    accuracies live (with few seeds a t-interval can reach past either end)."""
+    s = stats.summarize(values)
+    if s.ci_low is None or s.ci_high is None:
+        return s
+    return dataclasses.replace(s, ci_low=max(0.0, s.ci_low), ci_high=min(100.0, s.ci_high))
 
 
 def summary(values: Iterable[float | None]) -> Summary | None:
@@ -54,16 +71,15 @@ def first_value(values: Iterable[Any]) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def model_row(infos: list[RunInfo], tw: float, referenced: set[str | None]) -> ModelRow:
+def model_row(infos: list[RunInfo], role: str) -> ModelRow:
+    """A Table 1 row from the finished ce runs of one model and width (one per seed)."""
     first, records = infos[0], [i.record for i in infos]
-    at_teacher_width = first.width >= tw or math.isclose(first.width, tw)
-    is_teacher = at_teacher_width or any(r.run_id in referenced for r in records)
     return ModelRow(
-        family=first.model, role="T" if is_teacher else "S", model=first.name, model_name=first.model,
+        family=first.model, role=role, model=first.name, model_name=first.model,
         width=first.width, params=first_value(r.params for r in records),
         paper_params=first_value(r.paper_params for r in records),
-        acc=stats.summarize([r.final_acc for r in records]),
-        best_acc=stats.summarize([r.best_acc if r.best_acc is not None else r.final_acc for r in records]),
+        acc=accuracy_summary([r.final_acc for r in records]),
+        best_acc=accuracy_summary([r.best_acc if r.best_acc is not None else r.final_acc for r in records]),
         time=summary(r.wall_s for r in records), timing=mean_timing(records), seeds=[i.seed for i in infos],
         acc_by_seed={i.seed: i.record.final_acc for i in infos}, run_ids=[r.run_id for r in records],
         curve=curve(records),
@@ -72,6 +88,8 @@ def model_row(infos: list[RunInfo], tw: float, referenced: set[str | None]) -> M
 
 def cell(infos: list[RunInfo], alone: Alone, rows: Rows, study_seeds: list[int],
          missing: list[Missing]) -> Cell:
+    """A Tables 2-3 cell from the runs of one (student, teacher, method), each paired with the
+    student trained alone on the same seed."""
     first, records = infos[0], [i.record for i in infos]
     accs = {i.seed: i.record.final_acc for i in infos}
     keys = {s: (first.model, first.width, s) for s in accs}
@@ -88,8 +106,8 @@ def cell(infos: list[RunInfo], alone: Alone, rows: Rows, study_seeds: list[int],
     return Cell(
         student=first.name, teacher=first.teacher, method=first.method, student_model=first.model,
         student_width=first.width, teacher_model=first.teacher_model, teacher_width=first.teacher_width,
-        acc=stats.summarize(list(accs.values())),
-        best_acc=stats.summarize([r.best_acc if r.best_acc is not None else r.final_acc for r in records]),
+        acc=accuracy_summary(list(accs.values())),
+        best_acc=accuracy_summary([r.best_acc if r.best_acc is not None else r.final_acc for r in records]),
         acc_by_seed=accs, gain=paired(accs, base), gain_by_seed=gains,
         time=summary(r.wall_s for r in records),
         alone_time=alone_row.time if alone_row else None,
