@@ -22,6 +22,7 @@ from kdlab.errors import UserError, warn
 from kdlab.loop import CHECKPOINT_FORMAT, prepare_teacher
 from kdlab.loop import run as run_training
 from kdlab.models import StagedModel, create_model, input_size_note
+from kdlab.progress import live_session
 from kdlab.store import DB_NAME, RunRecord, Store
 
 
@@ -105,7 +106,9 @@ def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: StagedMo
     store = Store(runs)
     teacher = prepare_teacher(teacher_model, cfg, cfg.teacher) if teacher_model is not None else None
     try:
-        record = run_training(cfg, store, teacher=teacher, dataset=dataset, quiet=quiet, silent=silent, label=label)
+        with live_session():
+            record = run_training(cfg, store, teacher=teacher, dataset=dataset, quiet=quiet, silent=silent,
+                                  label=label)
     finally:
         store.close()
     return record

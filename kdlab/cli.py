@@ -18,6 +18,7 @@ import yaml
 
 from kdlab.errors import UserError
 from kdlab.grid import PAPER_MODELS
+from kdlab.progress import echo
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -265,7 +266,7 @@ def _grid(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
     counts, failed_workers = run_with_workers(runs, runs_dir, args.workers, _without_workers(args.argv[2:]),
-                                              quiet=args.quiet, log=lambda m: print(m, file=sys.stderr))
+                                              quiet=args.quiet, log=echo)
     print(", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "diverged"))
     return 0 if counts.get("failed", 0) == 0 and not failed_workers else 1
 
@@ -324,8 +325,7 @@ def _demo(args: argparse.Namespace) -> int:
           f"preset, CPU, {args.workers} processes", file=sys.stderr)
     grid_args = ["--preset", "smoke", "--dataset", "synthetic", "--data-dir", data_dir, "--runs-dir", str(runs_dir),
                  "--seeds", str(args.seeds)]
-    run_with_workers(runs, runs_dir, args.workers, grid_args, silent=args.quiet,
-                     log=lambda m: print(m, file=sys.stderr))
+    run_with_workers(runs, runs_dir, args.workers, grid_args, quiet=args.quiet, silent=args.quiet, log=echo)
     store = Store(runs_dir, readonly=True)
     report = build_report(store, dataset="synthetic", preset="smoke")
     store.close()

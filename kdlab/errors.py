@@ -11,6 +11,6 @@ class RunBusy(UserError):
 
 def warn(message: str) -> None:
     """One line on stderr for something worth knowing that is not an error (the run goes on)."""
-    import sys
+    from kdlab.progress import echo
 
-    print(f"kdlab: warning: {message}", file=sys.stderr, flush=True)
+    echo(f"kdlab: warning: {message}")

@@ -22,6 +22,7 @@ from kdlab.data import identify_dataset
 from kdlab.errors import UserError, warn
 from kdlab.loop import loader_key, prepare_teacher, run_group
 from kdlab.models import display_name, input_size_note, list_models
+from kdlab.progress import GridProgress, live_session
 
 PAPER_MODELS = ("vgg16", "resnet18", "densenet121")
 POLL_S = 5.0
@@ -245,7 +246,8 @@ def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True
 
     The students of one teacher train side by side (one group, one loader, one teacher forward
     per batch for all of them). Runs whose teacher another process is still training wait for
-    it; a run another live process holds is left to it. Failed runs are not retried.
+    it; a run another live process holds is left to it. Failed runs are not retried. Only what
+    this process trained counts as trained; a run another process finished counts as skipped.
     """
     from kdlab.data import load_dataset
     from kdlab.data.checks import check_unchanged
@@ -258,44 +260,50 @@ def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True
     store = Store(runs_dir)
     teachers: dict[str, Any] = {}
     counts = {"trained": 0, "skipped": 0, "failed": 0, "diverged": 0}
-    claimed: set[str] = set()  # what this process trained: a run another finished is not ours to count
-
-    def on_claim(run_id: str, label: str) -> None:
-        claimed.add(run_id)
-        log(f"run {run_id[:8]} {label}")
-
     # The plan goes into the store first, with each run's role: the report then knows what was
     # planned (and not trained yet) and what each run is for.
     for r in runs:
         store.ensure(r.run_id, r.cfg.to_dict(), r.label, r.role)
     pending = list(runs)
-    try:
-        while pending:
-            ready, waiting, progressed = _sort_pending(pending, store, counts, log)
-            for group in _groups(ready):
-                specs = [(r.cfg, _teacher(r, store, runs_dir, teachers), r.label) for r in group]
-                records = run_group(specs, store, dataset=dataset, quiet=quiet, silent=silent, on_claim=on_claim)
-                for r in group:
-                    rec = records[r.run_id]
-                    if rec is None:
-                        waiting.append(r)  # another live process has it
-                        continue
-                    progressed = True
-                    if r.run_id not in claimed:
-                        counts["skipped" if rec.status == "done" else "failed"] += 1
-                        continue
-                    counts["trained" if rec.status == "done" else "failed"] += 1
-                    if rec.status == "failed":
-                        log(f"failed {r.label}: {rec.error}")
-                    elif rec.diverged:
-                        counts["diverged"] += 1
-                        log(f"{rec.health} ({r.label}, run {r.run_id[:8]})")
-            pending = waiting
-            if pending and not progressed:
-                time.sleep(POLL_S)  # another process holds what is left; wait for it
-    finally:
-        store.close()
+    with live_session(), GridProgress(len(runs), log, live=not quiet and not silent) as bar:
+        try:
+            while pending:
+                ready, waiting, progressed = _sort_pending(pending, store, counts, log)
+                bar.update(counts)
+                for group in _groups(ready):
+                    specs = [(r.cfg, _teacher(r, store, runs_dir, teachers), r.label) for r in group]
+                    records = run_group(specs, store, dataset=dataset, quiet=quiet, silent=silent,
+                                        on_claim=bar.started)
+                    progressed |= _count(group, records, bar.claimed, counts, waiting, log)
+                    bar.update(counts)
+                pending = waiting
+                if pending and not progressed:
+                    time.sleep(POLL_S)  # another process holds what is left; wait for it
+        finally:
+            store.close()
     return counts
+
+
+def _count(group: list[PlannedRun], records: dict[str, Any], claimed: set[str], counts: dict[str, int],
+           waiting: list[PlannedRun], log: Any) -> bool:
+    """Count a group's outcome (what another process finished is skipped, not trained); True if any ended."""
+    progressed = False
+    for r in group:
+        rec = records[r.run_id]
+        if rec is None:
+            waiting.append(r)  # another live process has it
+            continue
+        progressed = True
+        if r.run_id not in claimed:
+            counts["skipped" if rec.status == "done" else "failed"] += 1
+            continue
+        counts["trained" if rec.status == "done" else "failed"] += 1
+        if rec.status == "failed":
+            log(f"failed {r.label}: {rec.error}")
+        elif rec.diverged:
+            counts["diverged"] += 1
+            log(f"{rec.health} ({r.label}, run {r.run_id[:8]})")
+    return progressed
 
 
 def _sort_pending(pending: list[PlannedRun], store: Any, counts: dict[str, int],

@@ -212,7 +212,7 @@ def _train_group(jobs: list[Job], store: Store, dataset: Dataset, quiet: bool, s
                        params=count_params(job.s.student), paper_params=paper_params(job.s.student))
         job.start_epoch, job.history, job.elapsed = _resume(store, job.run_id, job.s, job.timer)
         job.progress = Progress(job.cfg.epochs, len(loaders[0]), loaders[0].batch_size,
-                                quiet=quiet or len(jobs) > 1, silent=silent,
+                                quiet=quiet, silent=silent,
                                 label=f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method} {job.run_id[:8]}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -298,6 +298,7 @@ def _step(job: Job, batch: Any, epoch: int, step: int, steps: int) -> None:
     sums["bad"] = torch.where((sums["bad"] < 0) & ~torch.isfinite(loss), step, sums["bad"])
     sums["seen"] += len(batch.y)
     sums["lr"], sums["steps"] = lr, step + 1
+    job.progress.tick(epoch + 1, step + 1)  # plain integers: the live line's clock, no device sync
 
 
 def _check_finite(job: Job, store: Store, epoch: int, step: int) -> None:

@@ -416,3 +416,25 @@ def test_plots_skip_when_there_is_nothing_to_draw(store, tmp_path):
     _add(store, _config("vgg16", TW, 0), 80.0)  # a teacher alone: bars and curves, no gain plot
     names = sorted(p.name for p in draw_all(build_report(store), tmp_path / "plots"))
     assert names == ["synthetic-smoke_acc_time_bars.png", "synthetic-smoke_curves.png"]
+
+
+def test_report_describes_the_data_and_keeps_intervals_in_range(store):
+    import dataclasses
+
+    from kdlab.plots import acc_time_bars
+
+    info = {"name": "digits", "image_size": [8, 8], "classes": 10, "train": 1437, "test": 360}
+    for seed, acc in ((0, 99.6), (1, 92.0)):  # two seeds far apart: the t-interval reaches past 100
+        cfg = dataclasses.replace(_config("resnet18", TW, seed), data_fingerprint="3f2a9c0d1e2b4a5c", data_info=info)
+        _add(store, cfg, acc)
+    report = build_report(store)
+    row = report.studies[0].table1[0]
+    assert row.acc.ci_high == 100.0 and 0.0 < row.acc.ci_low < row.acc.mean
+    md = render(report, "md", compare_paper=True)
+    assert "Data: digits (8x8 px, 10 classes, 1,437 train / 360 test images, fingerprint 3f2a9c0d)" in md
+    assert "JPEG copy" not in md and "100.00]" in md
+    assert report.studies[0].dataset == "digits" and build_report(store, dataset="3f2a9c0d").studies
+    fig = acc_time_bars(report.studies[0])
+    acc_axis, time_axis = fig.axes[:2]
+    assert acc_axis.get_ylim()[0] == 0.0 and "axis from 0" in acc_axis.get_ylabel()
+    assert time_axis.get_ylabel() == "wall time (s)"  # 100-second runs read in seconds, not minutes
