@@ -298,7 +298,8 @@ def _step(job: Job, batch: Any, epoch: int, step: int, steps: int) -> None:
     sums["bad"] = torch.where((sums["bad"] < 0) & ~torch.isfinite(loss), step, sums["bad"])
     sums["seen"] += len(batch.y)
     sums["lr"], sums["steps"] = lr, step + 1
-    job.progress.tick(epoch + 1, step + 1)  # plain integers: the live line's clock, no device sync
+    if job.progress is not None:
+        job.progress.tick(epoch + 1, step + 1)  # plain integers: the live line's clock, no device sync
 
 
 def _check_finite(job: Job, store: Store, epoch: int, step: int) -> None:

@@ -185,7 +185,8 @@ def curves(study: Study) -> Figure | None:
         ax.set_title(family)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(ACC_AXIS_FROM, 100.0)
+        ax.set_ylabel(f"test accuracy (%; axis from {ACC_AXIS_FROM:g})")
         ax.legend(fontsize=6)
     for ax in axes[len(lines):]:
         ax.set_visible(False)
