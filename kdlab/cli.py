@@ -55,6 +55,28 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="one line per epoch, no live progress bar")
 
 
+def _add_nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train this one run on N local GPUs (DistributedDataParallel, started through torchrun)")
+
+
+def _distributed_launch(args: argparse.Namespace) -> int | None:
+    """`--nproc N`: run this same command under torchrun on N processes (None: train here)."""
+    from kdlab import distributed
+
+    if args.nproc == 1 or distributed.current() is not None:
+        return None
+    return distributed.launch(args.nproc, _without_option(args.argv[1:], "--nproc"))
+
+
+def _quiet_rank() -> bool:
+    """In a run on several processes only rank 0 prints the result."""
+    from kdlab import distributed
+
+    world = distributed.current()
+    return world is not None and not world.main
+
+
 def _pairs(items: Sequence[str], flag: str, form: str = "KEY=VALUE") -> dict[str, Any]:
     """KEY=VALUE options (repeatable) as a dict, each value parsed as YAML (3 -> int, [1, 2] -> list)."""
     out = {}
@@ -91,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, help="width multiplier (default 1.0; smoke preset 0.125)")
     _add_run_options(p)
 
+    _add_nproc(p)
+
     p = sub.add_parser("distill", help="train a student from a teacher (the paper's equation (2) by default)")
     p.add_argument("--teacher", help="a finished run's id (or prefix), RUN@EPOCH (a snapshot) or a checkpoint file; "
                    "none for online/self distillation (dml, byot)")
@@ -106,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other-data", action="store_true",
                    help="distil even if the teacher was trained on other data (another fingerprint or image size)")
     _add_run_options(p)
+    _add_nproc(p)
 
     p = sub.add_parser("grid", help="run the study: teachers, students alone, every student from every teacher")
     p.add_argument("--teachers", default=",".join(PAPER_MODELS),
@@ -204,6 +229,9 @@ def _methods(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from kdlab.api import train
 
+    launched = _distributed_launch(args)
+    if launched is not None:
+        return launched
     record = train(args.model, preset=args.preset, config=args.config, runs_dir=args.runs_dir, quiet=args.quiet,
                    verbose=True, **_overrides(args, {"width": args.width}))
     return _print_record(record)
@@ -213,6 +241,9 @@ def _train(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     from kdlab.api import distill
 
+    launched = _distributed_launch(args)
+    if launched is not None:
+        return launched
     extra = {"width": args.width, "temperature": args.temperature, "alpha": args.alpha,
              "method_args": _pairs(args.method_arg, "--method-arg") or None}
     record = distill(args.teacher, args.student, teacher_model=args.teacher_model, teacher_width=args.teacher_width,
@@ -226,6 +257,8 @@ def _print_record(record: Any) -> int:
     cfg = record.config
     if record.status == "failed":
         raise UserError(f"run {record.run_id} failed: {record.error}")
+    if _quiet_rank():
+        return 0
     data = (cfg.get("data_info") or {}).get("name", cfg["dataset"])
     print(f"run {record.run_id}: {cfg['model']} width {cfg['width']:g}, method {cfg['method']}, "
           f"{data}, seed {cfg['seed']}")
@@ -247,10 +280,14 @@ def _csv(text: str) -> list[str]:
 
 @command("grid")
 def _grid(args: argparse.Namespace) -> int:
+    from kdlab import distributed
     from kdlab.api import default_runs_dir
     from kdlab.grid import GridSpec, plan, run_with_workers, states
     from kdlab.store import DB_NAME, Store
 
+    if distributed.current() is not None:
+        raise UserError("kdlab grid does not run under torchrun (that trains one run on several GPUs): run the "
+                        "grid with --workers on one machine, or with --ray on a cluster")
     overrides = {k: v for k, v in _overrides(args, {}).items() if k not in ("dataset", "data_dir")}
     spec = GridSpec(teachers=_csv(args.teachers), students=_csv(args.students), seeds=args.seeds,
                     preset=args.preset, methods=_csv(args.methods), dataset=args.dataset, data_dir=args.data_dir,
@@ -265,7 +302,7 @@ def _grid(args: argparse.Namespace) -> int:
             print(f"{r.run_id}  {state:<8} {r.role:<8} {r.label}")
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
-    counts, failed_workers = run_with_workers(runs, runs_dir, args.workers, _without_workers(args.argv[2:]),
+    counts, failed_workers = run_with_workers(runs, runs_dir, args.workers, _without_option(args.argv[2:], "--workers"),
                                               quiet=args.quiet, log=echo)
     print(", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "diverged"))
     return 0 if counts.get("failed", 0) == 0 and not failed_workers else 1
@@ -282,14 +319,15 @@ def _grid_method_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _without_workers(argv: list[str]) -> list[str]:
+def _without_option(argv: list[str], flag: str) -> list[str]:
+    """`argv` without `flag VALUE` / `flag=VALUE`."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--workers":
+        elif a == flag:
             skip = True
-        elif not a.startswith("--workers="):
+        elif not a.startswith(flag + "="):
             out.append(a)
     return out
 

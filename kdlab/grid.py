@@ -19,6 +19,7 @@ from typing import Any
 
 from kdlab.config import PRESET_WIDTHS, Config, bind_dataset, build_config, load_yaml
 from kdlab.data import identify_dataset
+from kdlab.device import resolve_device
 from kdlab.errors import UserError, warn
 from kdlab.loop import loader_key, prepare_teacher, run_group
 from kdlab.models import display_name, input_size_note, list_models
@@ -330,11 +331,16 @@ def _sort_pending(pending: list[PlannedRun], store: Any, counts: dict[str, int],
 
 
 def _groups(ready: list[PlannedRun]) -> list[list[PlannedRun]]:
-    """Runs distilled from the same teacher on the same batches train together; others alone
-    (so that several processes on one grid still share the work)."""
+    """Which ready runs train together. On a GPU: every run that sees the same batches, whatever its
+    teacher, so that their steps overlap on the card (one process keeps it busy). On a CPU, where
+    runs side by side only take turns: the students of one teacher together (they share its
+    forward), others alone, so that several processes on one grid share the work."""
     groups: dict[Any, list[PlannedRun]] = {}
     for r in ready:
-        key = (loader_key(r.cfg), r.depends_on) if r.depends_on else r.run_id
+        if resolve_device(r.cfg.device).type == "cuda":
+            key: Any = loader_key(r.cfg)
+        else:
+            key = (loader_key(r.cfg), r.depends_on) if r.depends_on else r.run_id
         groups.setdefault(key, []).append(r)
     return list(groups.values())
 

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 REDRAW_S = 0.5  # how often the live area is redrawn: twice a second, so the clock visibly moves
 BAR = 20
+MAX_LIVE_RUNS = 8  # runs trained side by side beyond this get per-epoch lines only (a screenful is enough)
 
 
 def fmt_eta(seconds: float | None) -> str:

@@ -12,6 +12,8 @@ scale with the run (20 epochs is all of a 15-epoch run), so like the lr schedule
 
 from __future__ import annotations
 
+import torch
+
 from kdlab.errors import UserError
 from kdlab.losses import dkd_parts
 from kdlab.methods.base import Method, register_method
@@ -44,7 +46,8 @@ class DecoupledKD(Method):
 
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
-        self.ramp = self._ramp(0)
+        # A buffer, not a float: a step replayed as a CUDA graph reads its current value.
+        self.register_buffer("ramp", torch.tensor(self._ramp(0)), persistent=False)
 
     def _ramp(self, epoch: int) -> float:
         warmup_epochs = self.args["warmup"] * self.cfg.epochs
@@ -52,7 +55,7 @@ class DecoupledKD(Method):
 
     def start_epoch(self, epoch):
         super().start_epoch(epoch)
-        self.ramp = self._ramp(epoch)
+        self.ramp.fill_(self._ramp(epoch))
 
     def forward(self, student, batch, teacher):
         t_logits = teacher.logits(batch)
