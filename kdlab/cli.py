@@ -151,15 +151,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and their state, run nothing")
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the grid (default 1); on a CPU one per core, on a GPU a few")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster: auto (the one this node is in), "
+                   "HOST:PORT, or local (start Ray on this machine); needs kdlab[ray]")
+    p.add_argument("--gpus-per-run", type=float, help="with --ray: share of a GPU per run, e.g. 0.25 packs 4 "
+                   "small runs on a card (default 1 on a cluster with GPUs, else 0)")
+    p.add_argument("--retries", type=int, default=3, help="with --ray: times a run whose worker or node died "
+                   "is tried again (default 3)")
     _add_run_options(p)
 
     p = sub.add_parser("report", help="the paper's Tables 1-3 from the runs database, with statistics")
-    p.add_argument("--runs-dir", help="runs database (default $KDLAB_RUNS_DIR or ./runs)")
+    p.add_argument("--runs-dir", action="append", help="runs database (default $KDLAB_RUNS_DIR or ./runs); "
+                   "repeat it to report the runs of several together (see kdlab merge)")
     p.add_argument("--format", default="md", choices=["md", "csv", "json", "latex"])
     p.add_argument("--compare-paper", action="store_true", help="the paper's VCL and Colab numbers beside ours")
     p.add_argument("--dataset", help="only this dataset's study")
     p.add_argument("--preset", help="only this preset's study")
     p.add_argument("--out", help="also write every format and the plots (PNG) into this folder")
+
+    p = sub.add_parser("merge", help="copy the runs and checkpoints of runs dirs from other machines into one; "
+                       "a run trained twice with different results is reported, never overwritten")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="runs dirs to copy from")
+    p.add_argument("--into", required=True, metavar="DST", help="runs dir to copy into (created if missing)")
 
     p = sub.add_parser("demo", help="the 15-run study on synthetic data on the CPU (smoke preset), then the report")
     p.add_argument("--runs-dir", default="kdlab-demo", help="where the demo's runs go (default ./kdlab-demo)")
@@ -296,14 +308,28 @@ def _grid(args: argparse.Namespace) -> int:
                     teacher_width=args.teacher_width, student_width=args.student_width)
     runs = plan(spec)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+    if args.ray:
+        from kdlab.ray_grid import check_ray
+
+        check_ray()
+        if args.workers != 1:
+            raise UserError("--workers and --ray do not mix: Ray places the runs (see --gpus-per-run)")
     if args.dry_run:
         store = Store(runs_dir, readonly=True) if (runs_dir / DB_NAME).exists() else None
         for r, state in zip(runs, states(runs, store), strict=True):
             print(f"{r.run_id}  {state:<8} {r.role:<8} {r.label}")
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
-    counts, failed_workers = run_with_workers(runs, runs_dir, args.workers, _without_option(args.argv[2:], "--workers"),
-                                              quiet=args.quiet, log=echo)
+    log, failed_workers = echo, 0
+    if args.ray:
+        from kdlab.ray_grid import run_grid_ray
+
+        counts = run_grid_ray(runs, runs_dir, args.ray, gpus_per_run=args.gpus_per_run, retries=args.retries,
+                              log=log)
+    else:
+        counts, failed_workers = run_with_workers(runs, runs_dir, args.workers,
+                                                  _without_option(args.argv[2:], "--workers"), quiet=args.quiet,
+                                                  log=log)
     print(", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "diverged"))
     return 0 if counts.get("failed", 0) == 0 and not failed_workers else 1
 
@@ -335,17 +361,23 @@ def _without_option(argv: list[str], flag: str) -> list[str]:
 @command("report")
 def _report(args: argparse.Namespace) -> int:
     from kdlab.api import default_runs_dir
-    from kdlab.report import build_report, render, write_report
-    from kdlab.store import Store
+    from kdlab.merge import report_over
+    from kdlab.report import render, write_report
 
-    store = Store(Path(args.runs_dir) if args.runs_dir else default_runs_dir(), readonly=True)
-    report = build_report(store, dataset=args.dataset, preset=args.preset)
-    store.close()
+    report = report_over(args.runs_dir or [default_runs_dir()], dataset=args.dataset, preset=args.preset)
     print(render(report, args.format, compare_paper=args.compare_paper))
     if args.out:
         for path in write_report(report, Path(args.out), compare_paper=args.compare_paper):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+@command("merge")
+def _merge(args: argparse.Namespace) -> int:
+    from kdlab.merge import merge
+
+    result = merge(args.sources, args.into, log=print)
+    return 1 if result.combined.conflicts else 0
 
 
 @command("demo")

@@ -272,7 +272,7 @@ def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True
                 ready, waiting, progressed = _sort_pending(pending, store, counts, log)
                 bar.update(counts)
                 for group in _groups(ready):
-                    specs = [(r.cfg, _teacher(r, store, runs_dir, teachers), r.label) for r in group]
+                    specs = [(r.cfg, _teacher(r, store, teachers), r.label) for r in group]
                     records = run_group(specs, store, dataset=dataset, quiet=quiet, silent=silent,
                                         on_claim=bar.started)
                     progressed |= _count(group, records, bar.claimed, counts, waiting, log)
@@ -345,15 +345,21 @@ def _groups(ready: list[PlannedRun]) -> list[list[PlannedRun]]:
     return list(groups.values())
 
 
-def _teacher(r: PlannedRun, store: Any, runs_dir: str | Path, cache: dict[str, Any]) -> Any:
-    """The run's teacher, loaded once per grid and moved to the run's device."""
+def _teacher(r: PlannedRun, store: Any, cache: dict[str, Any]) -> Any:
+    """The run's teacher, loaded once per grid from its checkpoint and moved to the run's device.
+
+    Only `store`'s methods are used (no second connection to the database), so that a Ray task
+    can pass its store proxy."""
     from kdlab.api import load_teacher
 
     if not r.depends_on:
         return None
-    if r.depends_on not in cache:
-        cache[r.depends_on] = prepare_teacher(load_teacher(r.depends_on, Path(runs_dir)).model, r.cfg, r.depends_on)
     r.cfg.teacher_path = store.get(r.depends_on).checkpoint
+    if r.cfg.teacher_path is None:
+        raise UserError(f"teacher run {r.depends_on} has no checkpoint in {store.root}: train it again")
+    if r.depends_on not in cache:
+        cache[r.depends_on] = prepare_teacher(load_teacher(r.cfg.teacher_path, store.root).model, r.cfg,
+                                              r.depends_on)
     return cache[r.depends_on]
 
 

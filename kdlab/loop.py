@@ -296,6 +296,7 @@ def _end_epoch(job: Job, engine: Engine, store: Store, writer: CheckpointWriter,
     t0 = time.perf_counter()
     metrics = {"train_loss": sums["loss"], "train_acc": sums["correct"] / max(1, job.seen) * 100, "lr": job.lr,
                "terms": sums["terms"], "test_loss": test[0], "test_acc": test[1]}
+    metrics["time_s"] = wall  # the epoch's own time: the checkpoint's copy below is charged to the run
     job.history.append(metrics)
     done = epoch + 1
     snapshot = done if done in job.cfg.snapshots else None
@@ -303,9 +304,7 @@ def _end_epoch(job: Job, engine: Engine, store: Store, writer: CheckpointWriter,
     if due and getattr(store, "is_writer", True):  # in a run on several processes, rank 0 writes them
         state = _checkpoint_state(job, done, job.elapsed + wall, _teacher_share(job, engine))
         writer.submit(job.run_id, state, snapshot)
-    wall += time.perf_counter() - t0
-    job.elapsed += wall
-    metrics["time_s"] = wall
+    job.elapsed += wall + time.perf_counter() - t0
     store.record_epoch(job.run_id, done, metrics)
     job.progress.epoch_done(done, metrics)
 

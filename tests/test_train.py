@@ -195,6 +195,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny):
     assert full.returncode == 0, err_full
     a, b = Store(killed).runs()[0], Store(clean).runs()[0]
     assert [h["epoch"] for h in a.history] == list(range(1, epochs + 1))
+    assert all(h["time_s"] is not None for h in a.history)  # epochs replayed from the checkpoint keep their time
     assert a.run_id == b.run_id
     # Same data order, same weights, same optimiser state: the resumed run is the same run.
     assert [h["test_acc"] for h in a.history] == [h["test_acc"] for h in b.history]
