@@ -227,12 +227,19 @@ def test_stem_warning_and_flops(capsys):
     from kdlab.cli import main
     from kdlab.models.profile import model_facts
 
-    facts = model_facts(create_model("densenet121", 1.0, 10), (32, 32))
-    assert "densenet121 downsamples 32x32 images 4x in its stem" in capsys.readouterr().err
-    assert facts["paper_params"] == 6_880_448 and facts["flops"] > 0
-    model_facts(create_model("densenet121_cifar", 0.0625, 10), (32, 32))
-    model_facts(create_model("densenet121", 0.0625, 10), (224, 224))
+    facts = model_facts(create_model("torchvision:resnet18", 1.0, 10), (32, 32))
+    assert "torchvision:resnet18 downsamples 32x32 images 4x in its stem" in capsys.readouterr().err
+    assert facts["paper_params"] == 11_172_032 and facts["flops"] > 0
+    model_facts(create_model(TIMM_T, 1.0, 10), (32, 32))  # a stride-2 stem only: 16x16 maps
+    model_facts(create_model("torchvision:resnet18", 1.0, 10), (224, 224))
     assert capsys.readouterr().err == ""  # a small-image stem, or images large enough
+    # The paper's DenseNet121 on 32x32 images, the known case; in `kdlab models` too.
+    model_facts(create_model("densenet121", 0.0625, 10), (32, 32))
+    assert "densenet121 downsamples 32x32 images 4x in its stem" in capsys.readouterr().err
+    model_facts(create_model("densenet121_cifar", 0.0625, 10), (32, 32))
+    assert capsys.readouterr().err == ""
+    assert main(["models", "densenet121", "--widths", "0.0625"]) == 0
+    assert "note: densenet121 downsamples 32x32 images 4x" in capsys.readouterr().out
     assert main(["models", "torchvision:resnet18", "--image-size", "224", "--num-classes", "1000", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     # ResNet-18 at 224x224: 1.82 G multiply-adds, the figure torchvision publishes (GFLOPS 1.81), counted as 2 FLOPs.
@@ -252,15 +259,20 @@ def test_in_process_module_source_copies_the_module():
         create_model("module:Gone.0123456789abcdef", 1.0, 10)
 
 
-def test_an_older_store_gains_the_flops_column(tmp_path):
+def test_an_older_store_gains_the_flops_column(tmp_path, monkeypatch):
+    import kdlab.store as store_module
     from kdlab.store import Store
 
+    with monkeypatch.context() as m:  # a store as written before FLOPs were recorded (schema 2)
+        m.setattr(store_module, "SCHEMA_VERSION", 2)
+        lines = [line for line in store_module._SCHEMA.splitlines() if "flops INTEGER" not in line]
+        m.setattr(store_module, "_SCHEMA", "\n".join(lines).replace("role TEXT,", "role TEXT"))
+        store = Store(tmp_path)
+        store.ensure("old", build_config("smoke", "resnet18").to_dict())
+        store.close()
+    with sqlite3.connect(tmp_path / "kdlab.db") as c:
+        assert "flops" not in {r[1] for r in c.execute("PRAGMA table_info(runs)")}
     store = Store(tmp_path)
-    store.ensure("old", build_config("smoke", "resnet18").to_dict())
-    store.close()
-    with sqlite3.connect(tmp_path / "kdlab.db") as c:  # as a store written before FLOPs were recorded
-        c.execute("ALTER TABLE runs DROP COLUMN flops")
-    store = Store(tmp_path, create=False)
     assert store.get("old").flops is None
     store.set_info("old", flops=123)
     assert store.get("old").flops == 123

@@ -3,30 +3,25 @@
 ``as_dataset`` takes a `Dataset`, a tuple ``(x_train, y_train, x_test, y_test)`` or a dict with
 ``train`` and ``test`` pairs (and optionally ``classes``). Images are numpy arrays or tensors,
 ``(N, H, W, C)`` or ``(N, C, H, W)`` with 1 or 3 channels, uint8 or floats in [0, 1]; labels are
-integers. The dataset's name, ``arrays:<sha256 prefix>``, is what a run's identity records, so
-the same arrays are the same run and other arrays are another.
+integers. Like every dataset, arrays are identified by their content's fingerprint
+(`fingerprint_arrays`), which a run's identity covers: the same arrays are the same run, other
+arrays another. Their name (and the run's ``dataset`` setting) is ``arrays:<fingerprint>``.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
 
-from kdlab.data.datasets import Dataset, Split
+from kdlab.data.datasets import DataIdentity, Dataset, Split, content_facts, fingerprint_arrays
 from kdlab.errors import UserError
 
 
-def content_digest(dataset: Dataset) -> str:
-    """sha256 prefix of a dataset's images, labels and class names: its identity, whatever it is called."""
-    h = hashlib.sha256()
-    for split in (dataset.train, dataset.test):
-        h.update(f"{split.images.shape}".encode())
-        h.update(np.ascontiguousarray(split.images).tobytes())
-        h.update(np.ascontiguousarray(split.labels).tobytes())
-    h.update("\n".join(dataset.classes).encode())
-    return h.hexdigest()[:16]
+def array_identity(dataset: Dataset) -> DataIdentity:
+    """The identity of a dataset given in memory: its fingerprint, and ``arrays:<fingerprint>`` as its place."""
+    return DataIdentity(dataset.name, dataset.fingerprint,
+                        {"name": "arrays", **content_facts(dataset.train, dataset.test, dataset.classes)})
 
 
 def as_dataset(data: Any) -> Dataset:
@@ -47,8 +42,8 @@ def as_dataset(data: Any) -> Dataset:
     classes = [str(c) for c in (classes if classes is not None else range(n))]
     if len(classes) < n or min(train.labels.min(initial=0), test.labels.min(initial=0)) < 0:
         raise UserError(f"labels must lie in 0..{len(classes) - 1} (one per class name)")
-    named = Dataset("arrays", train, test, classes)
-    return Dataset(f"arrays:{content_digest(named)}", train, test, classes)
+    fingerprint = fingerprint_arrays(train, test, classes)
+    return Dataset(f"arrays:{fingerprint}", train, test, classes, known_fingerprint=fingerprint)
 
 
 def _split(images: Any, labels: Any, which: str) -> Split:

@@ -8,12 +8,13 @@ from typing import Any
 
 from kdlab.errors import UserError
 from kdlab.models.profile import format_flops, profile, stem_warning
-from kdlab.models.registry import count_params, create_model, list_models, list_sources, paper_params
+from kdlab.models.registry import count_params, create_model, input_size_note, list_models, list_sources, paper_params
 
 
 def describe(names: Sequence[str], widths: Sequence[float], num_classes: int, image_size: int) -> list[dict[str, Any]]:
-    """One row per model and width: name, width, params, paper_params, flops, image_size, note (the
-    stem warning, or None). Models of other libraries are listed at width 1 (built as named)."""
+    """One row per model and width: name, width, params, paper_params, flops, image_size, note (images
+    smaller than a kdlab model's design size, or the stem warning, or None).
+    Models of other libraries are listed at width 1 (built as named)."""
     rows = []
     hw = (image_size, image_size)
     for name in names or list_models():
@@ -22,7 +23,7 @@ def describe(names: Sequence[str], widths: Sequence[float], num_classes: int, im
             flops, stem = profile(model, hw)
             rows.append({"name": name, "width": width, "params": count_params(model),
                          "paper_params": paper_params(model), "flops": flops, "image_size": image_size,
-                         "note": stem_warning(model, hw, stem)})
+                         "note": input_size_note(name, hw) or stem_warning(model, hw, stem)})
     return rows
 
 

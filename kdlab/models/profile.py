@@ -2,23 +2,23 @@
 
 FLOPs are counted by torch's own ``FlopCounterMode`` on one blank image (a multiply-add is two
 FLOPs; every convolution and matrix product, attention included). The stem check is the
-known trap of the paper's DenseNet121 on 32x32 CIFAR images: an ImageNet stem (a stride-2 conv
-and a max pool) shrinks them 4x before the first block, so most of the network runs on 8x8 maps
-or less. kdlab says so instead of training silently.
+known trap of the paper's DenseNet121 on 32x32 CIFAR images, measured for any model: an ImageNet
+stem (a stride-2 conv and a max pool) shrinks them 4x before the first block, so most of the
+network runs on 8x8 maps or less. kdlab says so instead of training silently.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from typing import Any
 
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kdlab.errors import warn as warn_line
 from kdlab.models.foreign import dry_run
-from kdlab.models.registry import count_params, paper_params
+from kdlab.models.registry import count_params, input_size_note, paper_params
 
 # A stem leaving the first blocks this many pixels per side or fewer loses most of a small image.
 MIN_SIDE_AFTER_STEM = 8
@@ -28,14 +28,15 @@ _WARNED: set[tuple[str, tuple[int, int]]] = set()
 def model_facts(model: nn.Module, image_hw: tuple[int, int], warn: bool = True) -> dict[str, Any]:
     """``params``, ``paper_params`` and ``flops`` (per image at ``image_hw``; None when the model does not
     run on that size). The stem warning, once per model and size, goes to stderr when ``warn``, else
-    to Python's warnings (a quiet API call still hears of it)."""
+    to Python's warnings (a quiet API call still hears of it); not when images smaller than a kdlab
+    model's design size are already said (`input_size_note`, where a run is planned)."""
     flops, stem = profile(model, image_hw)
-    message = stem_warning(model, image_hw, stem)
-    key = (getattr(model, "name", "") or type(model).__name__, tuple(image_hw))
-    if message and key not in _WARNED:
-        _WARNED.add(key)
+    name = getattr(model, "name", "") or type(model).__name__
+    message = None if input_size_note(name, image_hw) else stem_warning(model, image_hw, stem)
+    if message and (name, tuple(image_hw)) not in _WARNED:
+        _WARNED.add((name, tuple(image_hw)))
         if warn:
-            print(f"kdlab: warning: {message}", file=sys.stderr)
+            warn_line(message)
         else:
             warnings.warn(message, UserWarning, stacklevel=2)
     return {"params": count_params(model), "paper_params": paper_params(model), "flops": flops}
