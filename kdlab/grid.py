@@ -22,7 +22,7 @@ from kdlab.data import identify_dataset
 from kdlab.device import resolve_device
 from kdlab.errors import UserError, warn
 from kdlab.loop import loader_key, prepare_teacher, run_group
-from kdlab.models import display_name, input_size_note, list_models
+from kdlab.models import check_model_name, display_name, input_size_note, list_models
 from kdlab.progress import GridProgress, live_session
 
 PAPER_MODELS = ("vgg16", "resnet18", "densenet121")
@@ -157,10 +157,11 @@ def _seed_runs(spec: GridSpec, seed: int, teachers: list[tuple[str, float]], stu
 
 
 def parse_member(text: str, default_width: float) -> tuple[str, float]:
-    """'resnet18@0.25' -> ('resnet18', 0.25); a bare name takes `default_width`."""
+    """'resnet18@0.25' -> ('resnet18', 0.25); a bare name takes `default_width` (a model from another
+    library, 'timm:NAME', is built as named: width 1)."""
     model, at, width = text.partition("@")
     if not at:
-        return model, default_width
+        return model, 1.0 if ":" in model else default_width
     try:
         value = float(width)
     except ValueError:
@@ -203,7 +204,9 @@ def _check_spec(spec: GridSpec) -> None:
     known = list_models()
     for member in (*spec.teachers, *spec.students):
         name, _ = parse_member(member, 1.0)
-        if name not in known:
+        if ":" in name:  # a model from another library (timm:NAME, torchvision:NAME): its source checks it
+            check_model_name(name)
+        elif name not in known:
             raise UserError(f"unknown model {name!r} in --teachers/--students: choose from {', '.join(known)}")
     if spec.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {spec.seeds}")

@@ -277,3 +277,19 @@ def test_an_older_store_gains_the_flops_column(tmp_path, monkeypatch):
     store.set_info("old", flops=123)
     assert store.get("old").flops == 123
     store.close()
+
+
+def test_a_grid_of_models_from_other_libraries(tmp_path, tiny, capsys):
+    from kdlab.cli import main
+
+    args = ["grid", "--teachers", TIMM_T, "--students", TIMM_S, "--preset", "smoke", "--dataset", "synthetic",
+            "--data-dir", tiny["data_dir"], "--runs-dir", str(tmp_path), "--epochs", "1", "--set", "train_limit=128",
+            "--set", "test_limit=64", "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+    from kdlab.store import Store
+
+    store = Store(tmp_path, readonly=True)
+    runs = store.runs()
+    store.close()
+    assert sorted((r.model, r.config["width"], r.method, r.status) for r in runs) == [
+        (TIMM_S, 1.0, "ce", "done"), (TIMM_S, 1.0, "kd", "done"), (TIMM_T, 1.0, "ce", "done")]
