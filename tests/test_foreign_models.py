@@ -223,6 +223,17 @@ def test_weights_file_starts_the_student(tmp_path, tiny):
         build_config("smoke", TIMM_T, overrides={"weights": str(tmp_path / "missing.pt")})
 
 
+def test_pretrained_weights_without_the_network_is_one_line(monkeypatch):
+    import huggingface_hub.constants
+
+    # As on a machine that cannot reach the hub; no request is made (the flag is read at import, hence both).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match=r"could not be built .*give a local file with --set weights=PATH") as info:
+        create_model(TIMM_T, 1.0, 10, pretrained=True)
+    assert "\n" not in str(info.value)
+
+
 def test_stem_warning_and_flops(capsys):
     from kdlab.cli import main
     from kdlab.models.profile import model_facts

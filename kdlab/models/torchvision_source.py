@@ -55,7 +55,8 @@ class TorchvisionSource(ModelSource):
         except Exception as e:  # noqa: BLE001 (torchvision's own errors: bad arguments, failed download)
             hint = (" (published weights are fetched from the network: on a machine without it, give a local file "
                     "with --set weights=PATH)") if weights else ""
-            raise UserError(f"torchvision:{name} could not be built with {args}: {type(e).__name__}: "
+            given = {**args, **({"weights": weights} if weights else {})}
+            raise UserError(f"torchvision:{name} could not be built with {given}: {type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from None
         return ForeignModel(net, f"torchvision:{name}", num_classes, width, nodes)
 
