@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="timed steps")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
+
+    from kdlab.deploy.commands import add_parsers  # export, compress, latency
+
+    add_parsers(sub)
     return parser
 
 
@@ -271,15 +275,18 @@ def _without_workers(argv: list[str]) -> list[str]:
 @command("report")
 def _report(args: argparse.Namespace) -> int:
     from kdlab.api import default_runs_dir
+    from kdlab.deploy.table import build_deployment, with_deployment, write_deployment
     from kdlab.report import build_report, render, write_report
     from kdlab.store import Store
 
     store = Store(Path(args.runs_dir) if args.runs_dir else default_runs_dir(), create=False)
     report = build_report(store, dataset=args.dataset, preset=args.preset)
+    deployment = build_deployment(store, dataset=args.dataset, preset=args.preset)
     store.close()
-    print(render(report, args.format, compare_paper=args.compare_paper))
+    print(with_deployment(render(report, args.format, compare_paper=args.compare_paper), deployment, args.format))
     if args.out:
-        for path in write_report(report, Path(args.out), compare_paper=args.compare_paper):
+        written = write_report(report, Path(args.out), compare_paper=args.compare_paper)
+        for path in written + write_deployment(deployment, Path(args.out)):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -330,6 +337,15 @@ def _bench(args: argparse.Namespace) -> int:
     print(bench.format_table(results))
     print(f"wrote {bench.write_results(results, Path(args.out))}", file=sys.stderr)
     return 0
+
+
+@command("export")
+@command("compress")
+@command("latency")
+def _deploy(args: argparse.Namespace) -> int:
+    from kdlab.deploy.commands import run_command
+
+    return run_command(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,6 +30,8 @@ _LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots"
 # Fields added after the first stores were written: hashed only when they differ from their default,
 # so the runs of older stores keep their ids.
 _LATER_FIELDS = {"model_args": {}}
+# model_args keys that say where a file is, not what it holds (its digest sits beside it and is hashed).
+_LOCATION_MODEL_ARGS = ("path",)
 
 
 @dataclass
@@ -79,6 +81,8 @@ class Config:
         """Stable identity of the run: a hash of every field that changes its result."""
         data = {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in _LOCATION_FIELDS and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+        if "model_args" in data:
+            data["model_args"] = {k: v for k, v in data["model_args"].items() if k not in _LOCATION_MODEL_ARGS}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -332,9 +332,11 @@ def _describe(r: RunRecord, tw: float, by_id: dict[str, RunRecord]) -> _Info:
 
 def build_report(store: Store, dataset: str | None = None, preset: str | None = None) -> Report:
     """Read every run in `store` (optionally one dataset and/or preset) and arrange the studies."""
+    from kdlab.deploy.runs import is_deployment_run  # exported, pruned, QAT models: the deployment table's
+
     runs = store.runs()
     chosen = [r for r in runs if (dataset is None or r.config.get("dataset") == dataset)
-              and (preset is None or r.config.get("preset") == preset)]
+              and (preset is None or r.config.get("preset") == preset) and not is_deployment_run(r.config)]
     if runs and not chosen:
         held = sorted({f"{r.config.get('dataset')}/{r.config.get('preset')}" for r in runs})
         raise UserError(f"no runs with {_filter_text(dataset, preset)} in {store.path}; "

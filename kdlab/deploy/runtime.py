@@ -1,0 +1,93 @@
+"""ONNX Runtime: sessions, the test-set accuracy of a served model, and calibration batches.
+
+Images reach an exported model exactly as they reach the PyTorch model in training: normalised
+by the training set's channel statistics, NCHW float32, evaluation's centre view (no crop or flip).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdlab.data import Dataset, load_dataset
+from kdlab.data.loader import DeviceLoader, channel_stats
+from kdlab.deploy import require
+from kdlab.errors import UserError
+
+CALIBRATION_BATCH = 64
+CPU = torch.device("cpu")
+
+
+def session(path: Path, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session with `threads` intra-op threads and every graph optimisation."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT's warnings are about its own graph rewrites
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 (ORT raises its own exception types for unusable files)
+        raise UserError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}") from None
+
+
+def run_logits(sess: Any, x: torch.Tensor) -> np.ndarray:
+    """Logits of a batch of normalised images, through the session."""
+    name = sess.get_inputs()[0].name
+    return sess.run(None, {name: np.ascontiguousarray(x.numpy(), dtype=np.float32)})[0]
+
+
+def dataset_of(config: dict[str, Any], data_dir: str | None = None) -> Dataset:
+    """The dataset a run was trained on (from `data_dir` when given: the data may have moved)."""
+    return load_dataset(config["dataset"], data_dir or config.get("data_dir"))
+
+
+def normalisation(dataset: Dataset) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (0-1 scale) the run's images were normalised with in training."""
+    return channel_stats(dataset.train.images)
+
+
+def _loader(dataset: Dataset, train_split: bool, batch: int, limit: int) -> DeviceLoader:
+    mean, std = normalisation(dataset)
+    split = dataset.train if train_split else dataset.test
+    return DeviceLoader(split, batch, CPU, train=False, mean=mean, std=std, limit=limit)
+
+
+def test_loader(config: dict[str, Any], dataset: Dataset) -> DeviceLoader:
+    """The run's test set (its test_limit applied), in evaluation batches."""
+    return _loader(dataset, False, int(config.get("eval_batch_size") or 1000),
+                   int(config.get("test_limit") or 0))
+
+
+def train_size(config: dict[str, Any], dataset: Dataset) -> int:
+    """How many training images the run used (its train_limit applied)."""
+    limit = int(config.get("train_limit") or 0)
+    return min(limit, len(dataset.train)) if limit else len(dataset.train)
+
+
+def calibration_loader(config: dict[str, Any], dataset: Dataset, count: int) -> DeviceLoader:
+    """The first `count` training images of the run, unaugmented: what int8 ranges are set from."""
+    available = train_size(config, dataset)
+    if not 1 <= count <= available:
+        raise UserError(f"--calibration must be between 1 and the {available} training images of the run, "
+                        f"got {count}")
+    return _loader(dataset, True, min(CALIBRATION_BATCH, count), count)
+
+
+def first_batch(loader: DeviceLoader, size: int = 256) -> torch.Tensor:
+    """Up to `size` images from the start of a split (the check batch of an export)."""
+    x = next(loader.epoch(0)).x
+    return x[:size]
+
+
+def accuracy(sess: Any, loader: DeviceLoader) -> float:
+    """Top-1 accuracy (percent) of an ONNX model over a whole split."""
+    correct = 0
+    for batch in loader.epoch(0):
+        correct += int((run_logits(sess, batch.x).argmax(1) == batch.y.numpy()).sum())
+    return correct / loader.n * 100
