@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and their state, run nothing")
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the grid (default 1); on a CPU one per core, on a GPU a few")
+    p.add_argument("--compress", default="", metavar="prune=R,int8",
+                   help="then compress every distilled student (see `kdlab compress`), e.g. prune=0.5,int8")
     _add_run_options(p)
 
     p = sub.add_parser("report", help="the paper's Tables 1-3 from the runs database, with statistics")
@@ -227,6 +229,7 @@ def _csv(text: str) -> list[str]:
 @command("grid")
 def _grid(args: argparse.Namespace) -> int:
     from kdlab.api import default_runs_dir
+    from kdlab.deploy.compress import compress_grid, parse_compress, plan_lines
     from kdlab.grid import GridSpec, plan, run_with_workers, states
     from kdlab.store import DB_NAME, Store
 
@@ -237,16 +240,22 @@ def _grid(args: argparse.Namespace) -> int:
                     method_args=_grid_method_args(args.method_arg), assistants=_csv(args.assistants))
     runs = plan(spec)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+    compress = parse_compress(args.compress) if args.compress else None
     if args.dry_run:
         store = Store(runs_dir, create=False) if (runs_dir / DB_NAME).exists() else None
         for r, state in zip(runs, states(runs, store), strict=True):
             print(f"{r.run_id}  {state:<8} {r.role:<8} {r.label}")
+        for line in plan_lines(runs, compress, store) if compress else []:
+            print(line)
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
     counts, failed_workers = run_with_workers(runs, runs_dir, args.workers, _without_workers(args.argv[2:]),
                                               quiet=args.quiet, log=lambda m: print(m, file=sys.stderr))
+    if compress:
+        counts.update(compress_grid(runs, runs_dir, compress, quiet=args.quiet,
+                                    log=lambda m: print(m, file=sys.stderr)))
     print(", ".join(f"{n} {k}" for k, n in counts.items()))
-    return 0 if counts.get("failed", 0) == 0 and not failed_workers else 1
+    return 0 if counts.get("failed", 0) == counts.get("compress failed", 0) == 0 and not failed_workers else 1
 
 
 def _grid_method_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:

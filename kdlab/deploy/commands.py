@@ -126,7 +126,7 @@ def _compress(args: argparse.Namespace) -> int:
 
 def _latency(args: argparse.Namespace) -> int:
     from kdlab.deploy.latency import format_latency, onnx_latency, parse_counts, save_latency
-    from kdlab.deploy.runs import finished_run, model_file
+    from kdlab.deploy.runs import artifact_dir, finished_run, model_file
 
     batches, threads = parse_counts(args.batch, "--batch"), parse_counts(args.threads, "--threads")
     runtimes = {t.strip() for t in args.runtime.split(",") if t.strip()}
@@ -146,7 +146,7 @@ def _latency(args: argparse.Namespace) -> int:
                 entries = onnx_latency(model_file(store.root, record), batches, threads, args.seconds)
             else:
                 entries = _trained_latency(store, record, batches, threads, runtimes, args)
-            save_latency(store.root, record.run_id, entries)
+            save_latency(artifact_dir(store.root, record.run_id), entries)
             what = f"run {record.run_id} ({record.label or record.config['model']})"
         finally:
             store.close()

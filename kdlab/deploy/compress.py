@@ -17,6 +17,7 @@ is left to another process that holds it (`kdlab grid --workers`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,19 @@ from typing import Any
 
 import yaml
 
+from kdlab.config import build_config
 from kdlab.deploy.export import DEFAULT_OPSET, check_opset, export_run
-from kdlab.deploy.prune import CRITERIA, check_prunable, check_ratio, check_trained, default_epochs, prune_run
+from kdlab.deploy.prune import (
+    CRITERIA,
+    check_prunable,
+    check_ratio,
+    check_trained,
+    default_epochs,
+    prune_run,
+    resolve_teacher,
+)
 from kdlab.deploy.quantize import DEFAULT_CALIBRATION, int8_run, qat_run
-from kdlab.deploy.runs import lineage
+from kdlab.deploy.runs import lineage, run_config
 from kdlab.deploy.runtime import calibration_loader, dataset_of
 from kdlab.errors import RunBusy, UserError
 from kdlab.store import RunRecord, Store
@@ -118,6 +128,11 @@ def compress(store: Store, record: RunRecord, spec: CompressSpec, *, data_dir: s
         check_prunable(record)
     if spec.int8:
         calibration_loader(record.config, dataset_of(record.config, data_dir), spec.calibration)  # count check
+    if spec.overrides:  # the fine-tuning runs are this run's config with these: a bad one fails here, not later
+        cfg = dataclasses.asdict(run_config(record))
+        build_config(cfg["preset"], cfg["model"], cfg, spec.overrides)
+    if spec.prune is not None and spec.teacher:
+        resolve_teacher(store, record, spec.teacher)
     root = lineage(record, {r.run_id: r for r in store.runs()})[-1]
     epochs = spec.epochs or default_epochs(root)
     lr = spec.lr or float(root.config["lr"]) * RECOVERY_LR

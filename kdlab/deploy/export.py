@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from kdlab.deploy import require
-from kdlab.deploy.latency import cpu_model, onnx_latency, save_latency
+from kdlab.deploy.latency import cpu_model, measure_new_model
 from kdlab.deploy.runs import (
     MODEL_FILE,
     deploy_config,
@@ -47,8 +47,6 @@ FORMATS = ("onnx",)
 DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the torch.export-based exporter's first opset
 ATOL, RTOL = 1e-4, 1e-4
-LATENCY_BATCHES = (1, 64)  # measured once when a model is made (one thread); more with `kdlab latency`
-LATENCY_SECONDS = 0.5
 
 
 def check_format(fmt: str) -> None:
@@ -162,7 +160,7 @@ def export_run(store: Store, source: RunRecord, opset: int = DEFAULT_OPSET, *, d
         info = {"precision": "fp32", **settings, "size_bytes": file_size(path),
                 "flops": model_flops(model, image_shape), "image_shape": list(image_shape), **check,
                 "torch_acc": source.final_acc}
-        save_latency(store.root, run_id, onnx_latency(path, list(LATENCY_BATCHES), [1], LATENCY_SECONDS), files)
+        measure_new_model(path, files)
         record = record_deploy_run(store, run_id, deploy_config(source, settings),
                                    label or f"{source.label or source.run_id} | onnx fp32", files, info, acc,
                                    time.perf_counter() - t0, params=count_params(model),

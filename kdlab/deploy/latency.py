@@ -31,6 +31,10 @@ from kdlab.errors import UserError
 WARMUP = 10
 MIN_RUNS = 10
 SECONDS = 1.0
+# Measured once when a model is made (ONNX Runtime, one thread), for the deployment table;
+# `kdlab latency` measures more settings.
+ON_CREATION_BATCHES = (1, 64)
+ON_CREATION_SECONDS = 0.5
 
 
 def cpu_model() -> str:
@@ -126,9 +130,14 @@ def torch_latency(model: nn.Module, image_shape: tuple[int, ...], batches: list[
     return out
 
 
-def save_latency(root: Path, run_id: str, entries: list[dict[str, Any]], folder: Path | None = None) -> None:
-    """Add measurements to a run's latency.json, replacing older ones of the same setting and CPU."""
-    path = (folder or artifact_dir(root, run_id)) / LATENCY_FILE
+def measure_new_model(path: Path, folder: Path) -> None:
+    """The first measurements of a model just made, saved with its files in `folder`."""
+    save_latency(folder, onnx_latency(path, list(ON_CREATION_BATCHES), [1], ON_CREATION_SECONDS))
+
+
+def save_latency(folder: Path, entries: list[dict[str, Any]]) -> None:
+    """Add measurements to the latency.json in a run's folder, replacing older ones of the same setting and CPU."""
+    path = folder / LATENCY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     key = ("runtime", "device", "cpu", "batch", "threads")
     new = {tuple(e[k] for k in key) for e in entries}

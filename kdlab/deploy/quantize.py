@@ -22,8 +22,8 @@ from typing import Any
 
 from kdlab.config import build_config
 from kdlab.deploy import require
-from kdlab.deploy.export import LATENCY_BATCHES, LATENCY_SECONDS, check_opset, deploy_versions
-from kdlab.deploy.latency import cpu_model, onnx_latency, save_latency
+from kdlab.deploy.export import check_opset, deploy_versions
+from kdlab.deploy.latency import cpu_model, measure_new_model
 from kdlab.deploy.runs import (
     MODEL_FILE,
     deploy_config,
@@ -104,7 +104,7 @@ def int8_run(store: Store, source: RunRecord, fp32: RunRecord, calibration: int 
         info = {"precision": "int8", **settings, "size_bytes": file_size(path), "flops": base.get("flops"),
                 "image_shape": base.get("image_shape"), "top1_agreement_fp32": agreement,
                 "check_images": len(x), "fp32_run": fp32.run_id, "fp32_acc": fp32.final_acc}
-        save_latency(store.root, run_id, onnx_latency(path, list(LATENCY_BATCHES), [1], LATENCY_SECONDS), files)
+        measure_new_model(path, files)
         record = record_deploy_run(store, run_id, deploy_config(source, settings),
                                    label or f"{source.label or source.run_id} | onnx int8", files, info, acc,
                                    time.perf_counter() - t0, params=fp32.params, paper_params=fp32.paper_params,
