@@ -155,7 +155,7 @@ def export_run(store: Store, source: RunRecord, opset: int = DEFAULT_OPSET, *, d
         mean, std = normalisation(dataset)
         stamp(path, {"source_run": source.run_id, "model": source.config["model"], "input": "NCHW float32, "
                      "(pixel/255 - mean) / std", "mean": mean, "std": std, "classes": dataset.classes})
-        acc = accuracy(session(path), loader)
+        acc = accuracy(sess, loader)
         image_shape = tuple(x.shape[1:])
         info = {"precision": "fp32", **settings, "size_bytes": file_size(path),
                 "flops": model_flops(model, image_shape), "image_shape": list(image_shape), **check,

@@ -1,8 +1,9 @@
 """Latency: how long one batch takes where the model will run, measured, never assumed.
 
-Protocol: `WARMUP` untimed calls first (allocations, ORT's first-run work, cuDNN's choice of
-kernels), then timed calls until at least `MIN_RUNS` calls and `seconds` of wall time; the median
-and the 90th percentile of the per-call times are reported, and throughput = batch / median.
+Protocol: untimed calls first (allocations, ORT's first-run work, cuDNN's choice of kernels):
+`WARMUP` of them, or fewer (at least one) once a quarter of `seconds` has gone; then timed calls
+until at least `MIN_RUNS` calls and `seconds` of wall time. The median and the 90th percentile
+of the per-call times are reported, and throughput = batch / median.
 ONNX Runtime runs on the CPU with `threads` intra-op threads; PyTorch eager runs with
 `torch.set_num_threads(threads)` on the CPU, and on the GPU where there is one (each call
 synchronised). Every measurement names the CPU (its model name and how many cores it has).
@@ -68,9 +69,11 @@ def parse_counts(text: str, flag: str) -> list[int]:
 
 
 def _time(call: Callable[[], Any], seconds: float, sync: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    for _ in range(WARMUP):
+    start, warm = time.perf_counter(), 0
+    while warm < WARMUP and (warm == 0 or time.perf_counter() - start < seconds / 4):
         call()
-    sync()
+        sync()
+        warm += 1
     times = []
     start = time.perf_counter()
     while len(times) < MIN_RUNS or time.perf_counter() - start < seconds:
@@ -80,7 +83,7 @@ def _time(call: Callable[[], Any], seconds: float, sync: Callable[[], None] = la
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"median_ms": median * 1e3, "p90_ms": float(np.percentile(times, 90)) * 1e3, "runs": len(times),
-            "warmup": WARMUP}
+            "warmup": warm}
 
 
 def _entry(runtime: str, device: str, batch: int, threads: int | None, timing: dict[str, Any]) -> dict[str, Any]:

@@ -21,8 +21,9 @@ CALIBRATION_BATCH = 64
 CPU = torch.device("cpu")
 
 
-def session(path: Path, threads: int = 1) -> Any:
-    """An ONNX Runtime CPU session with `threads` intra-op threads and every graph optimisation."""
+def session(path: Path, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session with `threads` intra-op threads (0: ORT's default, one per physical
+    core, for evaluation; latency sets its own) and every graph optimisation."""
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
