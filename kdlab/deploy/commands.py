@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def _compress(args: argparse.Namespace) -> int:
     try:
         record = finished_run(store, args.run)
         steps = compress(store, record, spec, data_dir=args.data_dir, quiet=args.quiet,
-                         log=lambda m: print(f"kdlab compress: {m}", flush=True))
+                         log=lambda m: print(f"kdlab compress: {m}", file=sys.stderr, flush=True))
         print(format_steps(steps, store.root))
     finally:
         store.close()

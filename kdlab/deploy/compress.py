@@ -182,7 +182,7 @@ def format_steps(steps: Sequence[Step], root: Path) -> str:
     from kdlab.deploy.runs import deploy_info
 
     reference = next((s.record.final_acc for s in steps if s.what == "student fp32"), None)
-    lines = [f"{'model':<24} {'run':<16} {'acc %':>7} {'vs fp32':>8} {'MB':>8} {'MFLOPs':>9} {'ms b1':>8}"]
+    lines = [f"{'model':<24} {'run':<16} {'acc %':>7} {'vs stud.':>8} {'MB':>8} {'MFLOPs':>9} {'ms b1':>8}"]
     for s in steps:
         info = deploy_info(root, s.record.run_id)
         b1 = next((e["median_ms"] for e in load_latency(root, s.record.run_id)
@@ -191,9 +191,9 @@ def format_steps(steps: Sequence[Step], root: Path) -> str:
         size = f"{info['size_bytes'] / 1e6:.3f}" if "size_bytes" in info else ""
         flops = f"{info['flops'] / 1e6:.1f}" if info.get("flops") else ""
         lines.append(f"{s.what:<24} {s.record.run_id:<16} {s.record.final_acc:>7.2f} {delta:>8} {size:>8} "
-                     f"{flops:>9} {'' if b1 is None else f'{b1:.3f}':>8}")
-    lines.append("acc: ONNX Runtime on the test set for ONNX models, PyTorch for trained runs; ms b1: ONNX Runtime, "
-                 "batch 1, one thread")
+                     f"{flops:>9} {'' if b1 is None else f'{b1:.3f}':>8}".rstrip())
+    lines.append("acc: ONNX Runtime on the test set for ONNX models, PyTorch for trained runs; vs stud.: points against "
+                 "the student's fp32 ONNX model; ms b1: ONNX Runtime, batch 1, one thread")
     return "\n".join(lines)
 
 
