@@ -164,7 +164,7 @@ def _trained_latency(store: Any, record: Any, batches: list[int], threads: list[
     when the run has no export run yet)."""
     from kdlab.deploy.export import DEFAULT_OPSET, export_onnx
     from kdlab.deploy.latency import onnx_latency, torch_latency
-    from kdlab.deploy.runs import load_run_model, model_file
+    from kdlab.deploy.runs import fp32_export, load_run_model, model_file
     from kdlab.deploy.runtime import dataset_of
 
     model = load_run_model(record, store.root)
@@ -172,10 +172,9 @@ def _trained_latency(store: Any, record: Any, batches: list[int], threads: list[
     shape = (images.shape[3], images.shape[1], images.shape[2])
     entries = torch_latency(model, shape, batches, threads, args.seconds) if "torch" in runtimes else []
     if "onnxruntime" in runtimes:
-        exported = [r for r in store.runs("done") if r.config.get("deploy", {}).get("source") == record.run_id
-                    and not r.config["deploy"].get("quantize")]
-        if exported:
-            entries += onnx_latency(model_file(store.root, exported[-1]), batches, threads, args.seconds)
+        exported = fp32_export(store.runs(), record.run_id)
+        if exported is not None:
+            entries += onnx_latency(model_file(store.root, exported), batches, threads, args.seconds)
         else:
             import torch
 

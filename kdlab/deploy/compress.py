@@ -17,7 +17,6 @@ is left to another process that holds it (`kdlab grid --workers`).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from typing import Any
 
 import yaml
 
-from kdlab.config import build_config
 from kdlab.deploy.export import DEFAULT_OPSET, check_opset, export_run
 from kdlab.deploy.prune import (
     CRITERIA,
@@ -37,7 +35,7 @@ from kdlab.deploy.prune import (
     resolve_teacher,
 )
 from kdlab.deploy.quantize import DEFAULT_CALIBRATION, int8_run, qat_run
-from kdlab.deploy.runs import lineage, run_config
+from kdlab.deploy.runs import derived_config, lineage
 from kdlab.deploy.runtime import calibration_loader, dataset_of
 from kdlab.errors import RunBusy, UserError
 from kdlab.store import RunRecord, Store
@@ -129,8 +127,7 @@ def compress(store: Store, record: RunRecord, spec: CompressSpec, *, data_dir: s
     if spec.int8:
         calibration_loader(record.config, dataset_of(record.config, data_dir), spec.calibration)  # count check
     if spec.overrides:  # the fine-tuning runs are this run's config with these: a bad one fails here, not later
-        cfg = dataclasses.asdict(run_config(record))
-        build_config(cfg["preset"], cfg["model"], cfg, spec.overrides)
+        derived_config(record, {}, spec.overrides, data_dir)
     if spec.prune is not None and spec.teacher:
         resolve_teacher(store, record, spec.teacher)
     root = lineage(record, {r.run_id: r for r in store.runs()})[-1]
@@ -152,7 +149,7 @@ def compress(store: Store, record: RunRecord, spec: CompressSpec, *, data_dir: s
         loss = fp32.final_acc - q.final_acc
         if spec.qat == "always" or (spec.qat == "auto" and loss > QAT_THRESHOLD):
             log(f"qat {what}: int8 lost {loss:.2f} points; quantization-aware KD for {epochs} epochs")
-            tuned = qat_run(store, run, epochs=epochs, lr=lr * RECOVERY_LR, **train)
+            tuned = _finished(qat_run(store, run, epochs=epochs, lr=lr * RECOVERY_LR, **train))
             steps.append(Step(f"{what} qat (trained)", tuned))
             q = int8_run(store, tuned, export(tuned, f"{what} qat"), spec.calibration, data_dir=data_dir)
             steps.append(Step(f"{what} qat int8", q))
@@ -165,15 +162,20 @@ def compress(store: Store, record: RunRecord, spec: CompressSpec, *, data_dir: s
         quantize(record, fp32, "student")
     if spec.prune is not None:
         log(f"prune {spec.prune:g} ({spec.criterion}) and recover with KD for {epochs} epochs: {record.run_id[:8]}")
-        pruned = prune_run(store, record, spec.prune, spec.criterion, epochs=epochs, lr=lr, teacher=spec.teacher,
-                           **train)
-        if pruned.status != "done":
-            raise UserError(f"the recovery run {pruned.run_id} failed: {pruned.error}")
+        pruned = _finished(prune_run(store, record, spec.prune, spec.criterion, epochs=epochs, lr=lr,
+                                     teacher=spec.teacher, **train))
         steps.append(Step("pruned (trained)", pruned))
         pruned_fp32 = export(pruned, "pruned")
         if spec.int8:
             quantize(pruned, pruned_fp32, "pruned")
     return steps
+
+
+def _finished(run: RunRecord) -> RunRecord:
+    """A fine-tuning run that failed (a loss that became NaN) stops the steps that need it."""
+    if run.status != "done":
+        raise UserError(f"fine-tuning run {run.run_id} ({run.config['method']}) failed: {run.error}")
+    return run
 
 
 def format_steps(steps: Sequence[Step], root: Path) -> str:
@@ -192,8 +194,8 @@ def format_steps(steps: Sequence[Step], root: Path) -> str:
         flops = f"{info['flops'] / 1e6:.1f}" if info.get("flops") else ""
         lines.append(f"{s.what:<24} {s.record.run_id:<16} {s.record.final_acc:>7.2f} {delta:>8} {size:>8} "
                      f"{flops:>9} {'' if b1 is None else f'{b1:.3f}':>8}".rstrip())
-    lines.append("acc: ONNX Runtime on the test set for ONNX models, PyTorch for trained runs; vs stud.: points against "
-                 "the student's fp32 ONNX model; ms b1: ONNX Runtime, batch 1, one thread")
+    lines.append("acc: ONNX Runtime on the test set for ONNX models, PyTorch for trained runs; vs stud.: points "
+                 "against the student's fp32 ONNX model; ms b1: ONNX Runtime, batch 1, one thread")
     return "\n".join(lines)
 
 

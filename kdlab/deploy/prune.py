@@ -14,15 +14,14 @@ The pruned model is saved once (`kdlab.models.pruned`) and trained by the loop a
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdlab.config import Config, build_config
+from kdlab.config import Config
 from kdlab.deploy import require
-from kdlab.deploy.runs import PRUNED_DIR, finished_run, load_run_model, run_config
+from kdlab.deploy.runs import PRUNED_DIR, derived_config, finished_run, load_run_model
 from kdlab.deploy.runtime import dataset_of, first_batch, test_loader
 from kdlab.errors import UserError
 from kdlab.models import model_family
@@ -106,13 +105,12 @@ def default_epochs(root: RunRecord) -> int:
 
 
 def recovery_config(parent: RunRecord, base: str, args: dict[str, Any], teacher: tuple[str, str], epochs: int,
-                    lr: float, overrides: dict[str, Any]) -> Config:
+                    lr: float, overrides: dict[str, Any], data_dir: str | None) -> Config:
     """The recovery run: the parent's recipe, fine-tuned with KD at a tenth of the lr, cosine schedule."""
     changes = {"model": f"pruned:{base}", "model_args": args, "method": "kd", "method_args": {},
                "teacher": teacher[0], "teacher_path": teacher[1], "epochs": epochs, "lr": lr,
                "scheduler": "cosine", "warmup": 0.0, "snapshots": []}
-    cfg = dataclasses.asdict(run_config(parent))
-    return build_config(cfg["preset"], changes["model"], {**cfg, **changes}, overrides)
+    return derived_config(parent, changes, overrides, data_dir)
 
 
 def prune_run(store: Store, parent: RunRecord, ratio: float, criterion: str = "l1", *, epochs: int,
@@ -124,7 +122,6 @@ def prune_run(store: Store, parent: RunRecord, ratio: float, criterion: str = "l
 
     check_ratio(ratio)
     check_prunable(parent)
-    overrides = {**(overrides or {}), **({"data_dir": data_dir} if data_dir else {})}
     teacher_model, ident, path = resolve_teacher(store, parent, teacher)
     model = load_run_model(parent, store.root)
     if teacher_model.num_classes != model.num_classes:
@@ -132,12 +129,12 @@ def prune_run(store: Store, parent: RunRecord, ratio: float, criterion: str = "l
                         f"{model.num_classes}")
     base = parent.config["model"].removeprefix("pruned:")
     trial = {"parent": parent.run_id, "ratio": ratio, "criterion": criterion, "sha256": "", "path": ""}
-    recovery_config(parent, base, trial, (ident, path), epochs, lr, overrides)  # bad settings: before any work
+    recovery_config(parent, base, trial, (ident, path), epochs, lr, overrides or {}, data_dir)  # fail before work
     dataset = dataset_of(parent.config, data_dir)
     prune_model(model, first_batch(test_loader(parent.config, dataset), 2), ratio, criterion)
     digest, file = save_pruned(model, {"model": base, "width": float(parent.config["width"]),
                                        "num_classes": int(model.num_classes)}, store.root / PRUNED_DIR)
     args = {"parent": parent.run_id, "ratio": ratio, "criterion": criterion, "sha256": digest, "path": str(file)}
-    cfg = recovery_config(parent, base, args, (ident, path), epochs, lr, overrides)
+    cfg = recovery_config(parent, base, args, (ident, path), epochs, lr, overrides or {}, data_dir)
     label = f"{parent.label or parent.run_id} | pruned {ratio:g} {criterion}, kd {epochs} ep"
     return execute(cfg, store.root, teacher_model=teacher_model, quiet=quiet, silent=silent, label=label)

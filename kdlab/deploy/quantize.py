@@ -14,13 +14,11 @@ quantized the same way.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from kdlab.config import build_config
 from kdlab.deploy import require
 from kdlab.deploy.export import check_opset, deploy_versions
 from kdlab.deploy.latency import cpu_model, measure_new_model
@@ -29,12 +27,12 @@ from kdlab.deploy.runs import (
     deploy_config,
     deploy_id,
     deploy_info,
+    derived_config,
     file_size,
     load_run_model,
     model_args,
     model_file,
     record_deploy_run,
-    run_config,
     scratch_dir,
 )
 from kdlab.deploy.runtime import (
@@ -123,11 +121,9 @@ def qat_run(store: Store, source: RunRecord, *, epochs: int, lr: float, override
     from kdlab.deploy.prune import check_trained
 
     check_trained(source)
-    overrides = {**(overrides or {}), **({"data_dir": data_dir} if data_dir else {})}
     changes = {"model_args": model_args(source.config, store.root), "method": "qat", "method_args": {},
                "teacher": source.run_id, "teacher_path": str(source.checkpoint), "epochs": epochs, "lr": lr,
                "scheduler": "cosine", "warmup": 0.0, "snapshots": []}
-    cfg = dataclasses.asdict(run_config(source))
-    cfg = build_config(cfg["preset"], cfg["model"], {**cfg, **changes}, overrides)
+    cfg = derived_config(source, changes, overrides, data_dir)
     return execute(cfg, store.root, teacher_model=load_run_model(source, store.root), quiet=quiet, silent=silent,
                    label=f"{source.label or source.run_id} | qat {epochs} ep")

@@ -164,6 +164,24 @@ def run_config(record: RunRecord) -> Config:
     return Config(**{k: v for k, v in record.config.items() if k in names})
 
 
+def derived_config(record: RunRecord, changes: dict[str, Any], overrides: dict[str, Any] | None = None,
+                   data_dir: str | None = None) -> Config:
+    """A fine-tuning run's config: `record`'s, with `changes`, then the user's `overrides` (--set),
+    validated as any config is."""
+    from kdlab.config import build_config
+
+    cfg = {**dataclasses.asdict(run_config(record)), **changes}
+    extra = {**(overrides or {}), **({"data_dir": data_dir} if data_dir else {})}
+    return build_config(cfg["preset"], cfg["model"], cfg, extra)
+
+
+def fp32_export(runs: list[RunRecord], source_id: str) -> RunRecord | None:
+    """The newest finished fp32 ONNX export of run `source_id` among `runs`."""
+    found = [r for r in runs if r.status == "done" and r.final_acc is not None
+             and r.config.get("deploy", {}).get("source") == source_id and not r.config["deploy"].get("quantize")]
+    return found[-1] if found else None
+
+
 def model_args(config: dict[str, Any], root: Path) -> dict[str, Any]:
     """A run's model_args with file locations pointed into this runs dir (which may have moved)."""
     args = dict(config.get("model_args") or {})

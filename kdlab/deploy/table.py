@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.deploy.latency import load_latency
-from kdlab.deploy.runs import deploy_info, lineage
+from kdlab.deploy.runs import deploy_info, fp32_export, lineage
 from kdlab.store import RunRecord, Store
 
 COLUMNS = ("model", "kind", "precision", "params", "mflops", "size_mb", "b1_ms", "b64_ms", "acc", "delta", "run_id")
@@ -118,10 +118,8 @@ def _row(root: Path, r: RunRecord, by_id: dict[str, RunRecord], referenced: set[
 
 def _fp32_acc(origin: RunRecord, by_id: dict[str, RunRecord]) -> float | None:
     """Accuracy of a trained run's fp32 ONNX export (else of the run itself, in PyTorch)."""
-    exports = [r for r in by_id.values() if r.status == "done" and r.final_acc is not None
-               and r.config.get("deploy", {}).get("source") == origin.run_id
-               and not r.config["deploy"].get("quantize")]
-    return exports[-1].final_acc if exports else origin.final_acc
+    export = fp32_export(list(by_id.values()), origin.run_id)
+    return export.final_acc if export is not None else origin.final_acc
 
 
 # ---- text ---------------------------------------------------------------------------------------
