@@ -1,41 +1,61 @@
 #!/usr/bin/env bash
-# The prepared device check for a session lent a GPU (15 minutes of device time in all).
-# Prepare here first (data travels as the 18 MB JPEG copy, decoded on the device):
+# The prepared device checks for a session lent a GPU (15 minutes of device time in all, machine start
+# included; at most 8 files come back from $OUT). Prepare here first (data travels as the 18 MB JPEG copy
+# and is decoded on the device):
 #     mkdir -p .data && cp -r ../shared/datasets/cifar10-jpeg .data/ && echo /.data/ >> .git/info/exclude
-# Then one device call per stage, e.g. `bash benchmarks/gpu_check.sh bench` with carry [".data"]:
-#     bench   engine vs eager loop per model, KD vs alone per pair (throughput, ratios, memory)   ~5 min
-#     grid    the 15-run study with the fast preset, timed, then its report                     <=10 min (target)
-#     paper   resnet18 teacher + resnet18_half alone and distilled with the paper preset         ~20 min: split it
-# Everything lands in $OUT (copied back): commit it under benchmarks/results/.
-set -euo pipefail
-stage=${1:-bench}
+# Then one device call per stage, with carry [".data"], e.g. `bash benchmarks/gpu_check.sh check`:
+#     check   CUDA-graph capture of every method, streams vs eager (tests/test_graphs_cuda.py),
+#             then engine vs eager throughput of resnet18_half                                  ~2 min
+#     bench   `kdlab bench` throughput (3 models x 2 widths, compile time beside speed) and KD cost
+#             (per pair, and each teacher's 3 students side by side vs alone)                  ~4 min
+#     grid    the 15-run study, fast preset, one seed: JPEG archive -> decoded data -> grid -> report,
+#             timed end to end (target: 8 minutes), summary JSON for benchmarks/results/     <=9 min
+# Each stage is time-boxed and ends with a summary; everything lands in $OUT: commit the JSON under
+# benchmarks/results/ (grid: <device>-grid-<date>.json) and the figures in benchmarks/README.md.
+set -uo pipefail
+stage=${1:-check}
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results/local}
+RUNS=${RUNS:-/tmp/kdlab-runs}
+PRESET=${PRESET:-fast}  # a CPU try: PRESET=smoke (EXTRA: more options, e.g. "--set threads=1")
+EXTRA=${EXTRA:-}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.csv"
-python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/torch.txt"
-if [ ! -d .data/cifar-10-batches-py ]; then
-    python3 .data/cifar10-jpeg/make_cifar10_batches.py .data
-fi
+t_start=$(date +%s)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+  git log -1 --format='kdlab %h %s' 2>/dev/null; nproc; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+decode() {  # the JPEG copy in the official layout, decoded on every core (counted in the grid's time)
+    [ -d .data/cifar-10-batches-py ] || timeout 120 python3 benchmarks/prepare_cifar10_jpeg.py .data/cifar10-jpeg .data
+}
+
 case "$stage" in
+check)
+    timeout 300 python3 -m pytest -x -q -p no:cacheprovider tests/test_graphs_cuda.py 2>&1 | tee "$OUT/check.log"
+    echo "graphs test exit: ${PIPESTATUS[0]}" | tee -a "$OUT/check.log"
+    timeout 150 python3 -m kdlab.cli bench --preset $PRESET $EXTRA --models resnet18 --what throughput --warmup 10 --steps 50 \
+        --out "$OUT" 2>&1 | tee "$OUT/bench-check.log"
+    ;;
 bench)
-    python3 -m kdlab.cli bench --preset fast --warmup 30 --steps 100 --out "$OUT" 2>&1 | tee "$OUT/bench.log"
-    python3 -m kdlab.cli bench --preset fast --what throughput --set compile=reduce-overhead --warmup 30 \
-        --steps 100 --out "$OUT" 2>&1 | tee "$OUT/bench-cudagraphs.log"
+    timeout 200 python3 -m kdlab.cli bench --preset $PRESET $EXTRA --what throughput --warmup 10 --steps 60 --out "$OUT" \
+        2>&1 | tee "$OUT/bench-throughput.log"
+    timeout 200 python3 -m kdlab.cli bench --preset $PRESET $EXTRA --what kd --warmup 10 --steps 40 --out "$OUT" \
+        2>&1 | tee "$OUT/bench-kd.log"
     ;;
 grid)
-    start=$(date +%s)
-    python3 -m kdlab.cli grid --preset fast --data-dir .data --runs-dir "$OUT/runs" --quiet 2>&1 | tee "$OUT/grid.log"
-    echo "grid wall seconds: $(( $(date +%s) - start ))" | tee -a "$OUT/grid.log"
-    python3 -m kdlab.cli report --runs-dir "$OUT/runs" --format json > "$OUT/study.json"
-    python3 -m kdlab.cli report --runs-dir "$OUT/runs" --compare-paper --out "$OUT/report" > "$OUT/study.md"
-    rm -rf "$OUT/runs/checkpoints"  # weights stay behind; the database and report come back
-    ;;
-paper)
-    python3 -m kdlab.cli grid --preset paper --teachers resnet18 --students resnet18 --data-dir .data \
-        --runs-dir "$OUT/runs-paper" --quiet 2>&1 | tee "$OUT/paper.log"
-    rm -rf "$OUT/runs-paper/checkpoints"
+    t0=$(date +%s); decode; t1=$(date +%s)
+    timeout 560 python3 -m kdlab.cli grid --preset $PRESET $EXTRA --data-dir .data --runs-dir "$RUNS" --quiet 2>&1 | tee "$OUT/grid.log"
+    echo "grid exit: ${PIPESTATUS[0]}" | tee -a "$OUT/grid.log"
+    t2=$(date +%s)
+    timeout 60 python3 -m kdlab.cli report --runs-dir "$RUNS" --compare-paper > "$OUT/study.md"
+    timeout 60 python3 -m kdlab.cli report --runs-dir "$RUNS" --format json > "$OUT/study.json"
+    t3=$(date +%s)
+    cp "$RUNS/kdlab.db" "$OUT/" 2>/dev/null
+    python3 benchmarks/grid_summary.py "$RUNS" "$OUT/grid-summary.json" --wall-s $((t3 - t0)) \
+        --stage-s decode=$((t1 - t0)) --stage-s grid=$((t2 - t1)) --stage-s report=$((t3 - t2)) | tee -a "$OUT/grid.log"
     ;;
 *)
-    echo "unknown stage $stage: bench, grid or paper" >&2; exit 2 ;;
+    echo "unknown stage $stage: check, bench or grid" >&2; exit 2 ;;
 esac
+echo "stage $stage done in $(( $(date +%s) - t_start ))s; files in $OUT:"; ls -la "$OUT"

@@ -1,13 +1,16 @@
 """Benchmarks of the training engine, as ratios against a baseline run in the same process.
 
 * throughput: images/s of a plain eager loop (bf16 autocast + channels_last on a GPU, the loop the
-  figures in DESIGN.md came from) against kdlab's engine with a preset's settings, per model, and
-  the share of the device's bf16 peak the engine reaches (FLOPs counted by torch's FlopCounterMode);
+  figures in DESIGN.md came from) against kdlab's engine with a preset's settings, per model, the
+  one-off cost of warming up and capturing (or compiling) the engine's step, and the share of the
+  device's bf16 peak the engine reaches (FLOPs counted by torch's FlopCounterMode);
 * kd_overhead: time per step and peak memory of a KD step against the same student trained alone,
-  for every teacher/student pair, both through kdlab's engine.
+  for every teacher/student pair; and per teacher, its students distilled side by side (one teacher
+  forward per batch, as the grid trains them) against the same students trained alone side by side
+  and against the sum of each alone.
 
-Both use the real engine (`kdlab.loop.build` and `kdlab.loop._step`), not a copy of it. Results are
-written as JSON with the device's name and library versions; nothing here is a test.
+Both drive the real engine (`kdlab.engine.Engine`, built by `kdlab.loop.build`), not a copy of it.
+Results are written as JSON with the device's name and library versions; nothing here is a test.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ from torch import nn
 from kdlab.config import PRESET_WIDTHS, Config, build_config
 from kdlab.data.datasets import Dataset, Split
 from kdlab.device import device_name, resolve_device, versions
-from kdlab.loop import Job, build, engine_device, new_sums, prepare_teacher
-from kdlab.loop import _step as engine_step
+from kdlab.engine import Engine, Job
+from kdlab.graphs import WARMUP_CALLS
+from kdlab.loop import build, build_loaders, engine_device, lr_factor, prepare_teacher
 from kdlab.models import create_model
 from kdlab.teacher import Teacher
+from kdlab.timing import SegmentTimer
 
 # Dense bf16 peak (TFLOP/s) by device name, for the "share of the card" figure; measured matmul
 # rates on this workplace's cards were ~790-800 TFLOP/s, the datasheet says 989 (dense, SXM).
@@ -50,16 +55,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(step: Callable[[int], None], device: torch.device, warmup: int, steps: int) -> float:
-    """Seconds per step after `warmup` steps (compilation, autotuning and caches stay out of it)."""
+def _time_steps(step: Callable[[int], None], device: torch.device, warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds per step after `warmup` steps, seconds the warm-up steps took): compilation,
+    autotuning, graph capture and caches happen in the warm-up."""
+    _sync(device)
+    t0 = time.perf_counter()
     for i in range(warmup):
         step(i)
     _sync(device)
-    t0 = time.perf_counter()
+    t1 = time.perf_counter()
     for i in range(steps):
         step(warmup + i)
     _sync(device)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t1) / steps, t1 - t0
 
 
 def eager_baseline(cfg: Config, dataset: Dataset, warmup: int, steps: int) -> float:
@@ -79,51 +87,45 @@ def eager_baseline(cfg: Config, dataset: Dataset, warmup: int, steps: int) -> fl
         loss.backward()
         opt.step()
 
-    return _time_steps(step, device, warmup, steps)
-
-
-def engine_step_time(cfg: Config, dataset: Dataset, warmup: int, steps: int,
-                     teacher: Teacher | None = None) -> tuple[float, int | None]:
-    """Seconds per step of kdlab's engine for cfg (data made on the device included), and peak
-    device memory in bytes (None on a CPU)."""
-    return group_step_time([cfg], dataset, warmup, steps, teacher)
+    return _time_steps(step, device, warmup, steps)[0]
 
 
 def group_step_time(cfgs: list[Config], dataset: Dataset, warmup: int, steps: int,
-                    teacher: Teacher | None = None) -> tuple[float, int | None]:
-    """Seconds per step of runs trained side by side on one loader (a shared teacher runs once per
-    batch), as the grid trains a teacher's students; and peak device memory."""
-    from kdlab.timing import SegmentTimer
-
+                    teacher: Teacher | None = None) -> dict[str, Any]:
+    """Runs trained side by side on one loader through the engine (a shared teacher runs once per
+    batch), as the grid trains them: seconds per step of the whole group, seconds of warm-up
+    (capture and compilation included, beyond what the same steps cost warm), peak device memory."""
     device = resolve_device(cfgs[0].device)
+    train, test = build_loaders(cfgs[0], dataset, device)
     jobs = []
     for cfg in cfgs:
         job = Job(cfg, cfg.run_hash(), teacher if cfg.method != "ce" else None, "bench")
-        loaders = (jobs[0].s.train_loader, jobs[0].s.test_loader) if jobs else None
-        job.s = build(cfg, dataset, teacher.model if teacher else None, loaders)
+        job.s = build(cfg, dataset, job.teacher.model if job.teacher else None)
         job.timer = SegmentTimer(device)
-        job.s.method.start_epoch(0)
-        job.sums = new_sums(device)
         jobs.append(job)
-    loader = jobs[0].s.train_loader
-    n = len(loader)
-    state: dict[str, Any] = {"it": loader.epoch(0), "epoch": 0}
+    engine = Engine(jobs, train, test, device, cfgs[0].precision)
+    engine.start_epoch(jobs, 0)
+    n = len(train)
+    state: dict[str, Any] = {"it": train.epoch(0), "epoch": 0}
 
     def step(i: int) -> None:
         try:
             batch = next(state["it"])
         except StopIteration:
             state["epoch"] += 1
-            state["it"] = loader.epoch(state["epoch"])
+            state["it"] = train.epoch(state["epoch"])
             batch = next(state["it"])
-        for job in jobs:
-            engine_step(job, batch, 0, i % n, n)
+        engine.step(jobs, batch, [c.lr * lr_factor(c, 0, i % n, n) for c in cfgs])
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = _time_steps(step, device, warmup, steps)
+    # The first steps warm up and capture the graphs: time them apart from the steady state.
+    warmup = max(warmup, WARMUP_CALLS + 1)
+    seconds, warm_s = _time_steps(step, device, warmup, steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return seconds, peak
+    fallbacks = [c.fallback for j in jobs for c in (j.train_step,) if c.fallback]
+    return {"step_s": seconds, "compile_s": max(0.0, warm_s - warmup * seconds), "peak_mem_bytes": peak,
+            "graphs": engine.graphs and not fallbacks, "fallbacks": fallbacks}
 
 
 def train_flops(cfg: Config, num_classes: int = 10) -> float:
@@ -143,49 +145,57 @@ def peak_tflops(name: str) -> float | None:
 
 def throughput(models: list[str], preset: str = "fast", warmup: int = 20, steps: int = 50,
                overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Engine vs plain eager loop, images/s, per model at the preset's teacher and student widths."""
+    """Engine vs plain eager loop, images/s, per model at the preset's teacher and student widths,
+    with the engine's one-off warm-up cost (compile_s) beside its speed."""
     dataset = random_dataset()
     rows = []
     for model in models:
         for width in PRESET_WIDTHS[preset]:
             cfg = build_config(preset, model, overrides={"width": width, "dataset": "random", **(overrides or {})})
             base = eager_baseline(cfg, dataset, warmup, steps)
-            fast, peak = engine_step_time(cfg, dataset, warmup, steps)
+            engine = group_step_time([cfg], dataset, warmup, steps)
+            fast = engine["step_s"]
             flops = train_flops(cfg)
             device = device_name(resolve_device(cfg.device))
             top = peak_tflops(device)
             rows.append({"model": model, "width": width, "batch_size": cfg.batch_size,
                          "eager_img_s": cfg.batch_size / base, "engine_img_s": cfg.batch_size / fast,
-                         "speedup": base / fast, "compile": cfg.compile, "precision": cfg.precision,
+                         "speedup": base / fast, "compile_s": engine["compile_s"], "compile": cfg.compile,
+                         "graphs": engine["graphs"], "fallbacks": engine["fallbacks"], "precision": cfg.precision,
                          "train_tflops": flops / fast / 1e12,
                          "share_of_bf16_peak": (flops / fast / 1e12 / top) if top else None,
-                         "peak_mem_bytes": peak})
+                         "peak_mem_bytes": engine["peak_mem_bytes"]})
     return rows
 
 
 def kd_overhead(teachers: list[str], students: list[str], preset: str = "fast", warmup: int = 20, steps: int = 50,
                 overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per pair: seconds per step of the student alone and distilled (one run, its own teacher
-    forward); per teacher: all its students side by side sharing one teacher forward, against the
-    sum of the same students alone (the grid's way)."""
+    forward). Per teacher: all its students distilled side by side sharing one teacher forward,
+    against the same students trained alone side by side (`ratio`, the grid's way both ways) and
+    against the sum of each trained alone (`ratio_vs_each_alone`)."""
     dataset = random_dataset()
     t_width, s_width = PRESET_WIDTHS[preset]
     extra = {"width": s_width, "dataset": "random", **(overrides or {})}
     alone_cfgs = {s: build_config(preset, s, overrides=extra) for s in students}
-    alone = {s: engine_step_time(c, dataset, warmup, steps) for s, c in alone_cfgs.items()}
+    alone = {s: group_step_time([c], dataset, warmup, steps) for s, c in alone_cfgs.items()}
+    alone_together = group_step_time(list(alone_cfgs.values()), dataset, warmup, steps)
     rows = []
     for t in teachers:
         teacher = _bench_teacher(t, t_width, alone_cfgs[students[0]])
         kd_cfgs = [replace(alone_cfgs[s], method="kd", teacher="bench") for s in students]
         for s, kd_cfg in zip(students, kd_cfgs, strict=True):
-            kd, kd_mem = engine_step_time(kd_cfg, dataset, warmup, steps, teacher)
-            rows.append({"teacher": t, "student": s, "alone_step_s": alone[s][0], "kd_step_s": kd,
-                         "ratio": kd / alone[s][0], "alone_peak_mem_bytes": alone[s][1], "kd_peak_mem_bytes": kd_mem})
-        shared, shared_mem = group_step_time(kd_cfgs, dataset, warmup, steps, teacher)
-        total_alone = sum(alone[s][0] for s in students)
-        rows.append({"teacher": t, "student": "+".join(students), "alone_step_s": total_alone, "kd_step_s": shared,
-                     "ratio": shared / total_alone, "alone_peak_mem_bytes": None, "kd_peak_mem_bytes": shared_mem,
-                     "shared_teacher": True})
+            kd = group_step_time([kd_cfg], dataset, warmup, steps, teacher)
+            rows.append({"teacher": t, "student": s, "alone_step_s": alone[s]["step_s"], "kd_step_s": kd["step_s"],
+                         "ratio": kd["step_s"] / alone[s]["step_s"],
+                         "alone_peak_mem_bytes": alone[s]["peak_mem_bytes"], "kd_peak_mem_bytes": kd["peak_mem_bytes"]})
+        shared = group_step_time(kd_cfgs, dataset, warmup, steps, teacher)
+        each_alone = sum(alone[s]["step_s"] for s in students)
+        rows.append({"teacher": t, "student": "+".join(students), "alone_step_s": alone_together["step_s"],
+                     "kd_step_s": shared["step_s"], "ratio": shared["step_s"] / alone_together["step_s"],
+                     "each_alone_step_s": each_alone, "ratio_vs_each_alone": shared["step_s"] / each_alone,
+                     "alone_peak_mem_bytes": alone_together["peak_mem_bytes"],
+                     "kd_peak_mem_bytes": shared["peak_mem_bytes"], "shared_teacher": True})
     return rows
 
 
@@ -212,11 +222,11 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"device: {results['environment']['device']}  torch {results['environment']['versions']['torch']}"]
     if results.get("throughput"):
         lines.append(f"{'model':<20}{'width':>6}{'eager img/s':>13}{'engine img/s':>14}{'speedup':>9}"
-                     f"{'bf16 share':>11}")
+                     f"{'compile s':>11}{'bf16 share':>11}")
         for r in results["throughput"]:
             share = f"{r['share_of_bf16_peak']:.1%}" if r["share_of_bf16_peak"] is not None else "-"
             lines.append(f"{r['model']:<20}{r['width']:>6g}{r['eager_img_s']:>13,.0f}{r['engine_img_s']:>14,.0f}"
-                         f"{r['speedup']:>8.2f}x{share:>11}")
+                         f"{r['speedup']:>8.2f}x{r['compile_s']:>11.1f}{share:>11}")
     if results.get("kd_overhead"):
         lines.append(f"{'student':<20}{'teacher':<20}{'alone ms':>10}{'kd ms':>10}{'kd/alone':>10}")
         for r in results["kd_overhead"]:

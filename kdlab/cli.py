@@ -6,6 +6,7 @@ User errors print one line on stderr and exit with code 2; nothing else is caugh
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -53,6 +54,28 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="one line per epoch, no live progress bar")
 
 
+def _add_nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, default=1,
+                   help="train this one run on N local GPUs (DistributedDataParallel, started through torchrun)")
+
+
+def _distributed_launch(args: argparse.Namespace) -> int | None:
+    """`--nproc N`: run this same command under torchrun on N processes (None: train here)."""
+    from kdlab import distributed
+
+    if args.nproc == 1 or distributed.current() is not None:
+        return None
+    return distributed.launch(args.nproc, _without_option(args.argv[1:], "--nproc"))
+
+
+def _quiet_rank() -> bool:
+    """In a run on several processes only rank 0 prints the result."""
+    from kdlab import distributed
+
+    world = distributed.current()
+    return world is not None and not world.main
+
+
 def _pairs(items: Sequence[str], flag: str, form: str = "KEY=VALUE") -> dict[str, Any]:
     """KEY=VALUE options (repeatable) as a dict, each value parsed as YAML (3 -> int, [1, 2] -> list)."""
     out = {}
@@ -89,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=float, help="width multiplier (default 1.0; smoke preset 0.125)")
     _add_run_options(p)
 
+    _add_nproc(p)
+
     p = sub.add_parser("distill", help="train a student from a teacher (the paper's equation (2) by default)")
     p.add_argument("--teacher", help="a finished run's id (or prefix), RUN@EPOCH (a snapshot) or a checkpoint file; "
                    "none for online/self distillation (dml, byot)")
@@ -102,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a method's own hyperparameter (repeatable)")
     _add_run_options(p)
+    _add_nproc(p)
 
     p = sub.add_parser("grid", help="run the study: teachers, students alone, every student from every teacher")
     p.add_argument("--teachers", default=",".join(PAPER_MODELS), help="comma-separated teacher models")
@@ -115,17 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the planned runs and their state, run nothing")
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the grid (default 1); on a CPU one per core, on a GPU a few")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on a Ray cluster: auto (the one this node is in), "
+                   "HOST:PORT, or local (start Ray on this machine); needs kdlab[ray]")
+    p.add_argument("--gpus-per-run", type=float, help="with --ray: share of a GPU per run, e.g. 0.25 packs 4 "
+                   "small runs on a card (default 1 on a cluster with GPUs, else 0)")
+    p.add_argument("--retries", type=int, default=3, help="with --ray: times a run whose worker or node died "
+                   "is tried again (default 3)")
     p.add_argument("--compress", default="", metavar="prune=R,int8",
                    help="then compress every distilled student (see `kdlab compress`), e.g. prune=0.5,int8")
     _add_run_options(p)
 
     p = sub.add_parser("report", help="the paper's Tables 1-3 from the runs database, with statistics")
-    p.add_argument("--runs-dir", help="runs database (default $KDLAB_RUNS_DIR or ./runs)")
+    p.add_argument("--runs-dir", action="append", help="runs database (default $KDLAB_RUNS_DIR or ./runs); "
+                   "repeat it to report the runs of several together (see kdlab merge)")
     p.add_argument("--format", default="md", choices=["md", "csv", "json", "latex"])
     p.add_argument("--compare-paper", action="store_true", help="the paper's VCL and Colab numbers beside ours")
     p.add_argument("--dataset", help="only this dataset's study")
     p.add_argument("--preset", help="only this preset's study")
     p.add_argument("--out", help="also write every format and the plots (PNG) into this folder")
+
+    p = sub.add_parser("merge", help="copy the runs and checkpoints of runs dirs from other machines into one; "
+                       "a run trained twice with different results is reported, never overwritten")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="runs dirs to copy from")
+    p.add_argument("--into", required=True, metavar="DST", help="runs dir to copy into (created if missing)")
 
     p = sub.add_parser("demo", help="the 15-run study on synthetic data on the CPU (smoke preset), then the report")
     p.add_argument("--runs-dir", default="kdlab-demo", help="where the demo's runs go (default ./kdlab-demo)")
@@ -193,6 +231,9 @@ def _methods(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from kdlab.api import train
 
+    launched = _distributed_launch(args)
+    if launched is not None:
+        return launched
     record = train(args.model, preset=args.preset, config=args.config, runs_dir=args.runs_dir, quiet=args.quiet,
                    verbose=True, **_overrides(args, {"width": args.width}))
     return _print_record(record)
@@ -202,6 +243,9 @@ def _train(args: argparse.Namespace) -> int:
 def _distill(args: argparse.Namespace) -> int:
     from kdlab.api import distill
 
+    launched = _distributed_launch(args)
+    if launched is not None:
+        return launched
     extra = {"width": args.width, "temperature": args.temperature, "alpha": args.alpha,
              "method_args": _pairs(args.method_arg, "--method-arg") or None}
     record = distill(args.teacher, args.student, teacher_model=args.teacher_model, teacher_width=args.teacher_width,
@@ -214,6 +258,8 @@ def _print_record(record: Any) -> int:
     cfg = record.config
     if record.status == "failed":
         raise UserError(f"run {record.run_id} failed: {record.error}")
+    if _quiet_rank():
+        return 0
     print(f"run {record.run_id}: {cfg['model']} width {cfg['width']:g}, method {cfg['method']}, "
           f"{cfg['dataset']}, seed {cfg['seed']}")
     print(f"final test accuracy {record.final_acc:.2f}% (last epoch; best {record.best_acc:.2f}% at epoch "
@@ -228,11 +274,15 @@ def _csv(text: str) -> list[str]:
 
 @command("grid")
 def _grid(args: argparse.Namespace) -> int:
+    from kdlab import distributed
     from kdlab.api import default_runs_dir
     from kdlab.deploy.compress import compress_grid, parse_compress, plan_lines
     from kdlab.grid import GridSpec, plan, run_with_workers, states
     from kdlab.store import DB_NAME, Store
 
+    if distributed.current() is not None:
+        raise UserError("kdlab grid does not run under torchrun (that trains one run on several GPUs): run the "
+                        "grid with --workers on one machine, or with --ray on a cluster")
     overrides = {k: v for k, v in _overrides(args, {}).items() if k not in ("dataset", "data_dir")}
     spec = GridSpec(teachers=_csv(args.teachers), students=_csv(args.students), seeds=args.seeds,
                     preset=args.preset, methods=_csv(args.methods), dataset=args.dataset, data_dir=args.data_dir,
@@ -240,6 +290,12 @@ def _grid(args: argparse.Namespace) -> int:
                     method_args=_grid_method_args(args.method_arg), assistants=_csv(args.assistants))
     runs = plan(spec)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+    if args.ray:
+        from kdlab.ray_grid import check_ray
+
+        check_ray()
+        if args.workers != 1:
+            raise UserError("--workers and --ray do not mix: Ray places the runs (see --gpus-per-run)")
     compress = parse_compress(args.compress) if args.compress else None
     if args.dry_run:
         store = Store(runs_dir, create=False) if (runs_dir / DB_NAME).exists() else None
@@ -249,11 +305,18 @@ def _grid(args: argparse.Namespace) -> int:
             print(line)
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
-    counts, failed_workers = run_with_workers(runs, runs_dir, args.workers, _without_workers(args.argv[2:]),
-                                              quiet=args.quiet, log=lambda m: print(m, file=sys.stderr))
+    log, failed_workers = functools.partial(print, file=sys.stderr), 0
+    if args.ray:
+        from kdlab.ray_grid import run_grid_ray
+
+        counts = run_grid_ray(runs, runs_dir, args.ray, gpus_per_run=args.gpus_per_run, retries=args.retries,
+                              log=log)
+    else:
+        counts, failed_workers = run_with_workers(runs, runs_dir, args.workers,
+                                                  _without_option(args.argv[2:], "--workers"), quiet=args.quiet,
+                                                  log=log)
     if compress:
-        counts.update(compress_grid(runs, runs_dir, compress, quiet=args.quiet,
-                                    log=lambda m: print(m, file=sys.stderr)))
+        counts.update(compress_grid(runs, runs_dir, compress, quiet=args.quiet, log=log))
     print(", ".join(f"{n} {k}" for k, n in counts.items()))
     return 0 if counts.get("failed", 0) == counts.get("compress failed", 0) == 0 and not failed_workers else 1
 
@@ -269,14 +332,15 @@ def _grid_method_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _without_workers(argv: list[str]) -> list[str]:
+def _without_option(argv: list[str], flag: str) -> list[str]:
+    """`argv` without `flag VALUE` / `flag=VALUE`."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--workers":
+        elif a == flag:
             skip = True
-        elif not a.startswith("--workers="):
+        elif not a.startswith(flag + "="):
             out.append(a)
     return out
 
@@ -284,20 +348,27 @@ def _without_workers(argv: list[str]) -> list[str]:
 @command("report")
 def _report(args: argparse.Namespace) -> int:
     from kdlab.api import default_runs_dir
-    from kdlab.deploy.table import build_deployment, with_deployment, write_deployment
-    from kdlab.report import build_report, render, write_report
-    from kdlab.store import Store
+    from kdlab.deploy.table import deployment_over, with_deployment, write_deployment
+    from kdlab.merge import report_over
+    from kdlab.report import render, write_report
 
-    store = Store(Path(args.runs_dir) if args.runs_dir else default_runs_dir(), create=False)
-    report = build_report(store, dataset=args.dataset, preset=args.preset)
-    deployment = build_deployment(store, dataset=args.dataset, preset=args.preset)
-    store.close()
+    runs_dirs = args.runs_dir or [default_runs_dir()]
+    report = report_over(runs_dirs, dataset=args.dataset, preset=args.preset)
+    deployment = deployment_over(runs_dirs, dataset=args.dataset, preset=args.preset)
     print(with_deployment(render(report, args.format, compare_paper=args.compare_paper), deployment, args.format))
     if args.out:
         written = write_report(report, Path(args.out), compare_paper=args.compare_paper)
         for path in written + write_deployment(deployment, Path(args.out)):
             print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+@command("merge")
+def _merge(args: argparse.Namespace) -> int:
+    from kdlab.merge import merge
+
+    result = merge(args.sources, args.into, log=print)
+    return 1 if result.combined.conflicts else 0
 
 
 @command("demo")

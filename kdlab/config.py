@@ -23,10 +23,13 @@ from kdlab.errors import UserError
 PRESETS = ("paper", "fast", "smoke")
 SCHEDULERS = ("cosine", "multistep", "onecycle", "constant")
 PRECISIONS = ("fp32", "bf16")
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+_OWN_GRAPHS = ("reduce-overhead", "max-autotune")  # compile modes that capture CUDA graphs themselves
 
-# Fields that say where things are or how they are shown, not what is computed: kept out of the hash.
-_LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots")
+# Fields that say where things are, how they are shown or how the same arithmetic is scheduled, not
+# what is computed: kept out of the hash.
+_LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots", "graphs", "checkpoint_every",
+                    "sync_bn")
 # Fields added after the first stores were written: hashed only when they differ from their default,
 # so the runs of older stores keep their ids.
 _LATER_FIELDS = {"model_args": {}}
@@ -71,10 +74,13 @@ class Config:
     precision: str = "fp32"
     channels_last: bool = False
     compile: str = "none"
+    graphs: bool = True  # on CUDA, replay each step as a CUDA graph (same kernels, one launch)
     eval_batch_size: int = 1000
     device: str = "auto"
     threads: int = 0  # CPU threads for torch (0: torch's default); tiny models run best on 1
     snapshots: list[int] = field(default_factory=list)  # also keep the weights after these epochs (ESKD teachers)
+    checkpoint_every: int = 1  # epochs between checkpoints (and the last epoch); written off the training thread
+    sync_bn: bool = True  # one run on several GPUs (torchrun): BatchNorm statistics over the global batch
     seed: int = 0
 
     def run_hash(self) -> str:
@@ -98,10 +104,12 @@ _PAPER = dict(epochs=100, batch_size=128, lr=0.01, weight_decay=5e-4, temperatur
 _PAPER_VGG = dict(scheduler="multistep", momentum=0.9, milestones=[0.5, 0.75], gamma=0.1)
 _PAPER_OTHER = dict(scheduler="cosine", momentum=0.95)
 
-# The GPU recipe: large batches, bf16, channels_last, compiled, one-cycle schedule with Nesterov.
+# The GPU recipe: large batches, bf16, channels_last, one-cycle schedule with Nesterov, steps replayed
+# as CUDA graphs. Not compiled: on the small models launches, not kernels, bound the step, and
+# CUDA graphs remove them for a second of capture where torch.compile costs half a minute a model.
 _FAST = dict(epochs=40, batch_size=512, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
              scheduler="onecycle", warmup=0.15, label_smoothing=0.0, precision="bf16", channels_last=True,
-             compile="default", temperature=4.0, alpha=0.5)
+             compile="none", graphs=True, temperature=4.0, alpha=0.5)
 
 # Seconds on a CPU: tiny data, two epochs. Widths are set by the caller (train: 1/8 by default).
 _SMOKE = dict(epochs=2, batch_size=32, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
@@ -243,6 +251,10 @@ def validate(cfg: Config) -> None:
         (all(0 < m < 1 for m in cfg.milestones), "milestones are fractions of the epochs, each in (0, 1)"),
         (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),
         (cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}"),
+        (cfg.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {cfg.checkpoint_every}"),
+        (not (cfg.graphs and cfg.compile in _OWN_GRAPHS),
+         f"compile={cfg.compile} captures CUDA graphs itself: set graphs=false with it, or use compile=default "
+         "or max-autotune-no-cudagraphs (kdlab then captures the graphs)"),
         (all(1 <= e <= cfg.epochs for e in cfg.snapshots), f"snapshots are epochs in 1..{cfg.epochs}"),
     ]
     for ok, message in checks:

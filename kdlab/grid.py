@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config import PRESET_WIDTHS, Config, build_config, load_yaml
+from kdlab.device import resolve_device
 from kdlab.errors import UserError
 from kdlab.loop import loader_key, prepare_teacher, run_group
 from kdlab.models import list_models
@@ -199,7 +200,7 @@ def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True
         while pending:
             ready, waiting, progressed = _sort_pending(pending, store, counts, log)
             for group in _groups(ready):
-                specs = [(r.cfg, _teacher(r, store, runs_dir, teachers), r.label) for r in group]
+                specs = [(r.cfg, _teacher(r, store, teachers), r.label) for r in group]
                 records = run_group(specs, store, dataset=dataset, quiet=quiet, silent=silent,
                                     on_claim=lambda run_id, label: log(f"run {run_id[:8]} {label}"))
                 for r in group:
@@ -243,25 +244,35 @@ def _sort_pending(pending: list[PlannedRun], store: Any, counts: dict[str, int],
 
 
 def _groups(ready: list[PlannedRun]) -> list[list[PlannedRun]]:
-    """Runs distilled from the same teacher on the same batches train together; others alone
-    (so that several processes on one grid still share the work)."""
+    """Which ready runs train together. On a GPU: every run that sees the same batches, whatever its
+    teacher, so that their steps overlap on the card (one process keeps it busy). On a CPU, where
+    runs side by side only take turns: the students of one teacher together (they share its
+    forward), others alone, so that several processes on one grid share the work."""
     groups: dict[Any, list[PlannedRun]] = {}
     for r in ready:
-        key = (loader_key(r.cfg), r.depends_on) if r.depends_on else r.run_id
+        if resolve_device(r.cfg.device).type == "cuda":
+            key: Any = loader_key(r.cfg)
+        else:
+            key = (loader_key(r.cfg), r.depends_on) if r.depends_on else r.run_id
         groups.setdefault(key, []).append(r)
     return list(groups.values())
 
 
-def _teacher(r: PlannedRun, store: Any, runs_dir: str | Path, cache: dict[str, Any]) -> Any:
-    """The run's teacher, loaded once per grid and moved to the run's device."""
+def _teacher(r: PlannedRun, store: Any, cache: dict[str, Any]) -> Any:
+    """The run's teacher, loaded once per grid from its checkpoint and moved to the run's device.
+
+    Only `store`'s methods are used (no second connection to the database), so that a Ray task
+    can pass its store proxy."""
     from kdlab.api import load_teacher
 
     if not r.depends_on:
         return None
-    if r.depends_on not in cache:
-        model, _, path = load_teacher(r.depends_on, Path(runs_dir))
-        cache[r.depends_on] = prepare_teacher(model, r.cfg, r.depends_on)
     r.cfg.teacher_path = store.get(r.depends_on).checkpoint
+    if r.cfg.teacher_path is None:
+        raise UserError(f"teacher run {r.depends_on} has no checkpoint in {store.root}: train it again")
+    if r.depends_on not in cache:
+        model, _, _ = load_teacher(r.cfg.teacher_path, store.root)
+        cache[r.depends_on] = prepare_teacher(model, r.cfg, r.depends_on)
     return cache[r.depends_on]
 
 

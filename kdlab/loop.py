@@ -1,53 +1,42 @@
-"""The training loop: one loop for every run, from scratch or distilled, on CPU or GPU.
+"""The training loop: one loop for every run, from scratch or distilled, alone or side by side.
 
-Read it top to bottom: set up (data, model, method, optimiser), resume from the last checkpoint,
-then per epoch train, evaluate, checkpoint and record. Methods supply loss terms; the loop never
-asks which method it runs. Nothing inside a step waits for the device: losses and accuracies
-accumulate on it and are read at the end of the epoch (and every `SYNC_EVERY` steps for the
-progress bar).
+Read it top to bottom: claim the runs, set up (data, models, methods, optimisers), resume from the
+last checkpoints, then per epoch train, evaluate, checkpoint and record. Methods supply loss
+terms; the loop never asks which method it runs. How one step runs (CUDA graphs, streams, shared
+teacher forwards) is the engine's business (`kdlab.engine`); the loop only says what to train.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from kdlab import distributed
+from kdlab.checkpoints import CheckpointWriter, to_host
 from kdlab.config import Config
 from kdlab.data import load_dataset
 from kdlab.data.datasets import Dataset
 from kdlab.data.loader import DeviceLoader, channel_stats
 from kdlab.device import device_name, resolve_device, versions
-from kdlab.errors import RunBusy
-from kdlab.methods import METHODS, Method
+from kdlab.engine import Engine, Job, Setup, autocast_for
+from kdlab.errors import RunBusy, UserError
+from kdlab.methods import METHODS
 from kdlab.models import count_params, create_model, paper_params
 from kdlab.progress import Progress
 from kdlab.store import Heartbeat, RunRecord, Store, owner_id
 from kdlab.teacher import Teacher
 from kdlab.timing import SegmentTimer
 
-SYNC_EVERY = 50
+SYNC_EVERY = 50  # steps between the loop's reads of the device (progress bar, non-finite check)
 CHECKPOINT_FORMAT = "kdlab-checkpoint"
-
-
-@dataclass
-class Setup:
-    """Everything a run trains with, built once."""
-
-    device: torch.device
-    student: nn.Module
-    student_fn: nn.Module  # the student as called in the step (compiled or not)
-    method: Method
-    optimizer: torch.optim.Optimizer
-    train_loader: DeviceLoader
-    test_loader: DeviceLoader
-    autocast: Any
 
 
 def lr_factor(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -71,10 +60,13 @@ def loader_key(cfg: Config) -> tuple:
             cfg.seed, cfg.augment, cfg.channels_last, cfg.precision, cfg.device)
 
 
-def build_loaders(cfg: Config, dataset: Dataset, device: torch.device) -> tuple[DeviceLoader, DeviceLoader]:
-    """The training and test loaders a config asks for (shared by every run with its loader_key)."""
+def build_loaders(cfg: Config, dataset: Dataset, device: torch.device,
+                  world: distributed.World | None = None) -> tuple[DeviceLoader, DeviceLoader]:
+    """The training and test loaders a config asks for (shared by every run with its loader_key);
+    in a run on several processes, this process's slice of every batch."""
     mean, std = channel_stats(dataset.train.images)
-    common = dict(mean=mean, std=std, channels_last=cfg.channels_last, seed=cfg.seed)
+    shard = (world.rank, world.size) if world is not None else (0, 1)
+    common = dict(mean=mean, std=std, channels_last=cfg.channels_last, seed=cfg.seed, shard=shard)
     train = DeviceLoader(dataset.train, cfg.batch_size, device, train=True, augment=cfg.augment,
                          limit=cfg.train_limit, **common)
     test = DeviceLoader(dataset.test, cfg.eval_batch_size, device, train=False, limit=cfg.test_limit, **common)
@@ -87,24 +79,30 @@ def engine_device(cfg: Config) -> tuple[torch.device, torch.memory_format]:
     if cfg.threads and device.type == "cpu":
         # Tiny convolutions gain nothing from intra-op threads, and lose badly when a core is busy.
         torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # shapes are fixed: pick each convolution's fastest kernel once
     return device, torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
-def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None,
-          loaders: tuple[DeviceLoader, DeviceLoader] | None = None) -> Setup:
-    """Student, method, optimiser (and loaders, unless given) for a config."""
+def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None, sync_bn: bool = False) -> Setup:
+    """Student, method and optimiser for a config (`sync_bn`: BatchNorm statistics over all the
+    processes of a run on several GPUs)."""
     device, memory_format = engine_device(cfg)
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.model, cfg.width, dataset.num_classes, **cfg.model_args)
     student = student.to(device, memory_format=memory_format)
     method = METHODS[cfg.method](cfg, student, teacher_model).to(device, memory_format=memory_format)
+    if sync_bn:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
     params = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                                weight_decay=cfg.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
-    train_loader, test_loader = loaders or build_loaders(cfg, dataset, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" else nullcontext
-    return Setup(device, student, compile_module(student, cfg.compile), method, optimizer, train_loader,
-                 test_loader, autocast)
+    # Fused SGD with the learning rate as a device tensor: one kernel for the whole update, and no
+    # host value baked into a captured step.
+    lr = torch.tensor(cfg.lr, device=device)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                                weight_decay=cfg.weight_decay, fused=True)
+    return Setup(device, student, compile_module(student, cfg.compile), method, optimizer, lr,
+                 autocast_for(device, cfg.precision))
 
 
 def compile_module(module: nn.Module, mode: str) -> nn.Module:
@@ -120,27 +118,6 @@ def prepare_teacher(model: nn.Module, cfg: Config, run_id: str | None = None) ->
     model = model.to(device, memory_format=memory_format).eval()
     return Teacher(model, run_id=run_id, forward=compile_module(model, cfg.compile),
                    copy_outputs=cfg.compile == "reduce-overhead")
-
-
-@dataclass
-class Job:
-    """One run inside a group that trains side by side: its setup, history and running sums."""
-
-    cfg: Config
-    run_id: str
-    teacher: Teacher | None
-    label: str
-    s: Setup | None = None
-    timer: SegmentTimer | None = None
-    progress: Progress | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    elapsed: float = 0.0
-    start_epoch: int = 0
-    alive: bool = True
-    sums: dict[str, Any] = field(default_factory=dict)
-
-    def active(self, epoch: int) -> bool:
-        return self.alive and self.start_epoch <= epoch < self.cfg.epochs
 
 
 def run(cfg: Config, store: Store, *, teacher: Teacher | None = None, teacher_model: nn.Module | None = None,
@@ -161,15 +138,23 @@ def run(cfg: Config, store: Store, *, teacher: Teacher | None = None, teacher_mo
 def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Store, *,
               dataset: Dataset | None = None, quiet: bool = False, silent: bool = False,
               on_claim: Callable[[str, str], None] | None = None) -> dict[str, RunRecord | None]:
-    """Train several runs side by side on one loader: each batch is made once, and a teacher
-    serving several students runs once per batch for all of them (issue: KD almost free).
+    """Train several runs side by side on one loader: each batch is made once, a teacher serving
+    several students runs once per batch for all of them, and on a GPU the runs' steps overlap.
 
     All runs must share `loader_key`. Returns each run's record (None: another process holds it).
     Finished runs are returned as they are; interrupted ones resume from their checkpoints.
+    Under torchrun (WORLD_SIZE > 1) the one run trains on all the processes (`kdlab.distributed`).
     """
-    keys = {loader_key(cfg) for cfg, _, _ in specs}
-    if len(keys) > 1:
+    if len({loader_key(cfg) for cfg, _, _ in specs}) > 1:
         raise ValueError("runs of one group must share their loader settings (loader_key)")
+    world = distributed.current()
+    if world is not None:
+        if len(specs) > 1:
+            raise UserError("torchrun trains one run on several processes: use it with `kdlab train` or "
+                            "`kdlab distill`, and `kdlab grid --ray` for a study on several GPUs")
+        distributed.init(world, resolve_device(specs[0][0].device))
+        store = distributed.for_rank(store, world)
+        silent = silent or not world.main
     out: dict[str, RunRecord | None] = {}
     owner = owner_id()
     jobs = []
@@ -185,34 +170,55 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
         jobs.append(Job(cfg, run_id, teacher, label or run_id))
     if not jobs:
         return out
+    if any(j.cfg.compile != "none" for j in jobs):
+        _keep_compile_caches(store.root)
+    writer = CheckpointWriter(store)
     try:
-        with Heartbeat(store, [j.run_id for j in jobs], owner):
+        writes = getattr(store, "is_writer", True)  # in a run on several processes, rank 0 keeps the claim
+        with Heartbeat(store, [j.run_id for j in jobs], owner) if writes else nullcontext():
             dataset = dataset or load_dataset(jobs[0].cfg.dataset, jobs[0].cfg.data_dir)
-            _train_group(jobs, store, dataset, quiet, silent)
+            _train_group(jobs, store, writer, dataset, quiet, silent, world)
     except BaseException as e:
+        writer.close()
         for job in jobs:
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 store.release(job.run_id, owner)
             elif job.alive:
                 store.fail(job.run_id, f"{type(e).__name__}: {e}")
         raise
+    writer.close()
+    distributed.barrier()  # the other processes read what rank 0 has just recorded
     for job in jobs:
         out[job.run_id] = store.get(job.run_id)
     return out
 
 
-def _train_group(jobs: list[Job], store: Store, dataset: Dataset, quiet: bool, silent: bool) -> None:
+def _keep_compile_caches(root: Path) -> None:
+    """Keep torch.compile's inductor and Triton caches in the runs directory (unless the user set
+    them), so that later processes on the same runs reuse compiled kernels instead of compiling."""
+    cache = Path(root) / "cache"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
+
+
+def _train_group(jobs: list[Job], store: Store, writer: CheckpointWriter, dataset: Dataset, quiet: bool,
+                 silent: bool, world: distributed.World | None) -> None:
     device = resolve_device(jobs[0].cfg.device)
-    loaders = build_loaders(jobs[0].cfg, dataset, device)
+    if world is not None and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    train_loader, test_loader = build_loaders(jobs[0].cfg, dataset, device, world)
     for job in jobs:
-        job.s = build(job.cfg, dataset, job.teacher.model if job.teacher else None, loaders)
+        # PyTorch has SyncBatchNorm for GPUs only: on CPUs the statistics stay per process.
+        sync_bn = world is not None and job.cfg.sync_bn and device.type == "cuda"
+        job.s = build(job.cfg, dataset, job.teacher.model if job.teacher else None, sync_bn)
         job.timer = SegmentTimer(device)
         store.set_info(job.run_id, device=device_name(device), versions_json=versions(),
                        params=count_params(job.s.student), paper_params=paper_params(job.s.student))
         job.start_epoch, job.history, job.elapsed = _resume(store, job.run_id, job.s, job.timer)
-        job.progress = Progress(job.cfg.epochs, len(loaders[0]), loaders[0].batch_size,
+        job.progress = Progress(job.cfg.epochs, len(train_loader), train_loader.batch_size,
                                 quiet=quiet or len(jobs) > 1, silent=silent,
                                 label=f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method} {job.run_id[:8]}")
+    engine = Engine(jobs, train_loader, test_loader, device, jobs[0].cfg.precision, world)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     group_timer = SegmentTimer(device)
@@ -222,137 +228,93 @@ def _train_group(jobs: list[Job], store: Store, dataset: Dataset, quiet: bool, s
         if not active:
             continue
         t0 = time.perf_counter()
-        before = {j.run_id: _own_time(j.timer.collect()) for j in active}
+        before = {j.run_id: _own_time(j, engine) for j in active}
         data_before = group_timer.collect().get("data", 0.0)
-        _train_epoch(active, loaders[0], group_timer, epoch, store)
-        for job in active:
-            if job.alive:
-                with job.timer("eval"):
-                    job.sums["test"] = evaluate(job.s.student_fn, loaders[1], job.s.autocast)
+        _train_epoch(engine, active, train_loader, group_timer, epoch, store)
+        alive = [j for j in active if j.alive]
+        results = engine.evaluate(alive) if alive else {}
         # Charge the epoch's wall time to the runs in proportion to the device time each used.
         wall = time.perf_counter() - t0
         data = group_timer.collect().get("data", 0.0) - data_before
-        own = {j.run_id: _own_time(j.timer.collect()) - before[j.run_id] for j in active}
+        own = {j.run_id: _own_time(j, engine) - before[j.run_id] for j in alive}
         total = sum(own.values()) or 1.0
-        for job in active:
-            if not job.alive:
-                continue
+        for job in alive:
             job.timer.totals["data"] += data * own[job.run_id] / total
-            _end_epoch(job, store, epoch, wall * own[job.run_id] / total)
+            _end_epoch(job, engine, store, writer, epoch, wall * own[job.run_id] / total, results[job.run_id])
+    writer.flush()  # a run is finished only once its last checkpoint is on disk
     for job in jobs:
         if job.alive and job.history:
-            _finish(job, store, device, len(jobs))
+            _finish(job, store, engine, device, len(jobs))
 
 
-def _own_time(totals: dict[str, float]) -> float:
-    return totals.get("step", 0.0) + totals.get("eval", 0.0)
+def _own_time(job: Job, engine: Engine) -> float:
+    """Device seconds a run has used: its steps, its evaluations and its share of its teacher."""
+    totals = job.timer.collect()
+    return totals.get("step", 0.0) + totals.get("eval", 0.0) + _teacher_share(job, engine)
 
 
-def new_sums(device: torch.device) -> dict[str, Any]:
-    """A run's per-epoch running sums, kept on the device so that no step waits for it."""
-    return {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device, dtype=torch.long),
-            "terms": {}, "bad": torch.full((), -1, device=device, dtype=torch.long), "seen": 0}
+def _teacher_share(job: Job, engine: Engine) -> float:
+    """A run's share of its teacher's forward time: the teacher's time split evenly among the students
+    it serves in the group, plus the share recorded before a resume."""
+    before = job.timer.totals.get("teacher", 0.0)
+    if job.teacher is None:
+        return before
+    students = sum(j.teacher is job.teacher for j in engine.jobs)
+    return before + engine.teacher_time().get(id(job.teacher), 0.0) / students
 
 
-def _train_epoch(jobs: list[Job], loader: DeviceLoader, group_timer: SegmentTimer, epoch: int, store: Store) -> None:
-    for job in jobs:
-        job.s.student.train()
-        job.s.method.train()
-        job.s.method.start_epoch(epoch)
-        job.sums = new_sums(loader.device)
+def _train_epoch(engine: Engine, jobs: list[Job], loader: DeviceLoader, group_timer: SegmentTimer, epoch: int,
+                 store: Store) -> None:
+    engine.start_epoch(jobs, epoch)
     steps = len(loader)
     batches = loader.epoch(epoch)
     for step in range(steps):
         with group_timer("data"):
             batch = next(batches)
-        for job in jobs:
-            if job.alive:
-                _step(job, batch, epoch, step, steps)
+        alive = [j for j in jobs if j.alive]
+        engine.step(alive, batch, [j.cfg.lr * lr_factor(j.cfg, epoch, step, steps) for j in alive])
         if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
-            for job in jobs:
-                if job.alive:
-                    _check_finite(job, store, epoch, step)
+            for job in alive:
+                _check_finite(job, engine, store, epoch)
 
 
-def _step(job: Job, batch: Any, epoch: int, step: int, steps: int) -> None:
-    """One optimisation step of one run. Nothing here waits for the device."""
-    s, sums = job.s, job.sums
-    lr = job.cfg.lr * lr_factor(job.cfg, epoch, step, steps)
-    for group in s.optimizer.param_groups:
-        group["lr"] = lr
-    if job.teacher is not None:
-        job.teacher._timer = job.timer
-    with job.timer("step"):
-        with s.autocast():
-            logits, terms = s.method(s.student_fn, batch, job.teacher)
-        loss = sum(terms.values())
-        s.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        s.optimizer.step()
-    loss = loss.detach()
-    sums["loss"] += loss
-    sums["correct"] += (logits.detach().argmax(1) == batch.y).sum()
-    for name, value in terms.items():
-        sums["terms"][name] = sums["terms"].get(name, 0) + value.detach().float()
-    sums["bad"] = torch.where((sums["bad"] < 0) & ~torch.isfinite(loss), step, sums["bad"])
-    sums["seen"] += len(batch.y)
-    sums["lr"], sums["steps"] = lr, step + 1
-
-
-def _check_finite(job: Job, store: Store, epoch: int, step: int) -> None:
+def _check_finite(job: Job, engine: Engine, store: Store, epoch: int) -> None:
     """Every SYNC_EVERY steps: the one wait for the device. A non-finite loss fails the run."""
-    sums = job.sums
-    bad = int(sums["bad"])
-    if bad >= 0:
+    sums = engine.read(job)
+    if sums["bad"] >= 0:
         job.alive = False
-        store.fail(job.run_id, f"loss became NaN or infinite at epoch {epoch + 1}, step {bad + 1}")
+        store.fail(job.run_id, f"loss became NaN or infinite at epoch {epoch + 1}, step {sums['bad'] + 1}")
         return
-    acc = float(sums["correct"]) / sums["seen"] * 100
-    job.progress.step(epoch + 1, step + 1, float(sums["loss"]) / (step + 1), acc)
+    job.progress.step(epoch + 1, sums["steps"], sums["loss"], sums["correct"] / max(1, job.seen) * 100)
 
 
-def _end_epoch(job: Job, store: Store, epoch: int, wall: float) -> None:
-    sums, steps = job.sums, job.sums["steps"]
-    test_loss, test_acc = sums["test"]
+def _end_epoch(job: Job, engine: Engine, store: Store, writer: CheckpointWriter, epoch: int, wall: float,
+               test: tuple[float, float]) -> None:
+    sums = engine.read(job)
     t0 = time.perf_counter()
-    metrics = {"train_loss": float(sums["loss"]) / steps, "train_acc": float(sums["correct"]) / sums["seen"] * 100,
-               "lr": sums["lr"], "terms": {k: float(v) / steps for k, v in sums["terms"].items()},
-               "test_loss": test_loss, "test_acc": test_acc}
+    metrics = {"train_loss": sums["loss"], "train_acc": sums["correct"] / max(1, job.seen) * 100, "lr": job.lr,
+               "terms": sums["terms"], "test_loss": test[0], "test_acc": test[1]}
+    metrics["time_s"] = wall  # the epoch's own time: the checkpoint's copy below is charged to the run
     job.history.append(metrics)
-    _checkpoint(store, job.run_id, job.cfg, job.s, epoch + 1, job.history, job.elapsed + wall, job.timer.collect())
-    if epoch + 1 in job.cfg.snapshots:
-        store.save_snapshot(job.run_id, epoch + 1)
-    wall += time.perf_counter() - t0
-    job.elapsed += wall
-    metrics["time_s"] = wall
-    store.record_epoch(job.run_id, epoch + 1, metrics)
-    job.progress.epoch_done(epoch + 1, metrics)
+    done = epoch + 1
+    snapshot = done if done in job.cfg.snapshots else None
+    due = done % job.cfg.checkpoint_every == 0 or done == job.cfg.epochs or snapshot is not None
+    if due and getattr(store, "is_writer", True):  # in a run on several processes, rank 0 writes them
+        state = _checkpoint_state(job, done, job.elapsed + wall, _teacher_share(job, engine))
+        writer.submit(job.run_id, state, snapshot)
+    job.elapsed += wall + time.perf_counter() - t0
+    store.record_epoch(job.run_id, done, metrics)
+    job.progress.epoch_done(done, metrics)
 
 
-def _finish(job: Job, store: Store, device: torch.device, group_size: int) -> None:
+def _finish(job: Job, store: Store, engine: Engine, device: torch.device, group_size: int) -> None:
     history = job.history
     best = max(range(len(history)), key=lambda i: history[i]["test_acc"])
-    timing = {**_timing_summary(job.timer.collect(), job.elapsed), "group_size": group_size}
+    timing = {**_timing_summary(job, engine), "group_size": group_size}
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     store.finish(job.run_id, {"final_acc": history[-1]["test_acc"], "best_acc": history[best]["test_acc"],
                               "best_epoch": best + 1, "wall_s": job.elapsed, "timing": timing,
                               "peak_mem_bytes": peak})
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DeviceLoader, autocast: Any = nullcontext) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (percent) over a split, in eval mode."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=loader.device)
-    correct = torch.zeros((), device=loader.device, dtype=torch.long)
-    for batch in loader.epoch(0):
-        with autocast():
-            logits = model(batch.x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), batch.y, reduction="sum")
-        correct += (logits.argmax(1) == batch.y).sum()
-    model.train(was_training)
-    return float(loss_sum) / loader.n, float(correct) / loader.n * 100
 
 
 def _resume(store: Store, run_id: str, s: Setup, timer: SegmentTimer) -> tuple[int, list[dict[str, Any]], float]:
@@ -364,8 +326,10 @@ def _resume(store: Store, run_id: str, s: Setup, timer: SegmentTimer) -> tuple[i
     s.student.load_state_dict(ckpt["student"])
     s.method.load_state_dict(ckpt["method"])
     s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.optimizer.param_groups[0]["lr"] = s.lr  # the loaded state holds a host copy of the lr tensor
     history = list(ckpt["history"])
-    # The database may lag the checkpoint by the epoch whose row was not yet written: replay it.
+    # The database may run ahead of the checkpoint (epochs recorded while their checkpoint was
+    # still being written when the process died): keep what the checkpoint knows.
     store.truncate_epochs(run_id, 0)
     for i, metrics in enumerate(history):
         store.record_epoch(run_id, i + 1, metrics)
@@ -373,21 +337,25 @@ def _resume(store: Store, run_id: str, s: Setup, timer: SegmentTimer) -> tuple[i
     return ckpt["epoch"], history, ckpt["elapsed_s"]
 
 
-def _checkpoint(store: Store, run_id: str, cfg: Config, s: Setup, epoch: int, history: list[dict[str, Any]],
-                elapsed: float, timing: dict[str, float]) -> None:
-    store.save_checkpoint(run_id, {
-        "format": CHECKPOINT_FORMAT, "version": 1, "run_id": run_id, "config": cfg.to_dict(), "epoch": epoch,
+def _checkpoint_state(job: Job, epoch: int, elapsed: float, teacher_s: float) -> dict[str, Any]:
+    """The run's whole state after `epoch`, copied to host memory (the writer thread saves it)."""
+    cfg, s = job.cfg, job.s
+    return to_host({
+        "format": CHECKPOINT_FORMAT, "version": 1, "run_id": job.run_id, "config": cfg.to_dict(), "epoch": epoch,
         "model": {"name": cfg.model, "width": cfg.width, "num_classes": s.student.num_classes},
         "student": s.student.state_dict(), "method": s.method.state_dict(), "optimizer": s.optimizer.state_dict(),
-        "history": history, "elapsed_s": elapsed, "timing": timing,
+        "history": list(job.history), "elapsed_s": elapsed, "timing": {**job.timer.collect(), "teacher": teacher_s},
     })
 
 
-def _timing_summary(totals: dict[str, float], wall: float) -> dict[str, float]:
-    """Split the wall time: data, teacher forward, student step (without the teacher), evaluation."""
-    teacher = totals.get("teacher", 0.0)
-    parts = {"data_s": totals.get("data", 0.0), "teacher_s": teacher,
-             "student_s": max(0.0, totals.get("step", 0.0) - teacher), "eval_s": totals.get("eval", 0.0)}
+def _timing_summary(job: Job, engine: Engine) -> dict[str, float]:
+    """Split the wall time: data, teacher forward, student step, evaluation, and the one-off cost of
+    warming up and capturing the steps (compilation included) as compile_s."""
+    totals, wall = job.timer.collect(), job.elapsed
+    parts = {"data_s": totals.get("data", 0.0), "teacher_s": _teacher_share(job, engine),
+             "student_s": totals.get("step", 0.0), "eval_s": totals.get("eval", 0.0)}
     parts["other_s"] = max(0.0, wall - sum(parts.values()))
     parts["wall_s"] = wall
+    parts["compile_s"] = job.setup_s()
+    parts["processes"] = engine.world.size if engine.world is not None else 1
     return parts

@@ -177,6 +177,10 @@ class Store:
     def close(self) -> None:
         self._conn.close()
 
+    def reopen(self) -> Store:
+        """The same store on a connection of its own, for another thread (the heartbeat's)."""
+        return Store(self.root, create=False)
+
     # ---- runs ---------------------------------------------------------------------------------
 
     def get(self, run_id: str) -> RunRecord | None:
@@ -287,6 +291,29 @@ class Store:
             c.execute("UPDATE runs SET status='failed', owner=NULL, finished=?, error=? WHERE run_id=?",
                       (time.time(), error, run_id))
 
+    def export_run(self, run_id: str) -> dict[str, Any] | None:
+        """The run's row and epoch rows exactly as stored, to copy it into another store (kdlab merge)."""
+        row = self._conn.execute("SELECT * FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        epochs = self._conn.execute("SELECT * FROM epochs WHERE run_id=? ORDER BY epoch", (run_id,)).fetchall()
+        return {"run": dict(row), "epochs": [dict(e) for e in epochs]}
+
+    def import_run(self, data: dict[str, Any]) -> None:
+        """Write a run exported from another store over this store's row of that id, if any.
+
+        No process of this store holds the copy, so a run that was training there is pending here.
+        """
+        run = {**data["run"], "owner": None, "heartbeat": None}
+        if run["status"] == "running":
+            run["status"] = "pending"
+        with self.transaction() as c:
+            c.execute("DELETE FROM epochs WHERE run_id=?", (run["run_id"],))
+            c.execute(f"INSERT OR REPLACE INTO runs ({', '.join(run)}) VALUES ({', '.join('?' * len(run))})",
+                      tuple(run.values()))
+            for e in data["epochs"]:
+                c.execute(f"INSERT INTO epochs ({', '.join(e)}) VALUES ({', '.join('?' * len(e))})", tuple(e.values()))
+
     # ---- checkpoints --------------------------------------------------------------------------
 
     def checkpoint_path(self, run_id: str, epoch: int | None = None) -> Path:
@@ -323,17 +350,17 @@ class Heartbeat:
 
     def __init__(self, store: Store, run_ids: list[str], owner: str, every_s: float = HEARTBEAT_S):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(store.path, run_ids, owner, every_s), daemon=True)
+        self._thread = threading.Thread(target=self._beat, args=(store, run_ids, owner, every_s), daemon=True)
 
-    def _beat(self, path: Path, run_ids: list[str], owner: str, every_s: float) -> None:
-        conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+    def _beat(self, store: Store, run_ids: list[str], owner: str, every_s: float) -> None:
+        # Through the store's interface, so that a store proxy (kdlab.store_proxy) beats through its writer.
+        beating = store.reopen()
         try:
             while not self._stop.wait(every_s):
                 for run_id in run_ids:
-                    conn.execute("UPDATE runs SET heartbeat=? WHERE run_id=? AND owner=?",
-                                 (time.time(), run_id, owner))
+                    beating.heartbeat(run_id, owner)
         finally:
-            conn.close()
+            beating.close()
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

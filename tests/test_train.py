@@ -84,7 +84,7 @@ def test_online_distillation_needs_no_teacher(tmp_path, tiny):
 
 def test_teacher_gets_no_gradients_and_stays_in_eval(tiny):
     from kdlab.data import load_dataset
-    from kdlab.loop import build
+    from kdlab.loop import build, build_loaders
     from kdlab.models import create_model
     from kdlab.teacher import Teacher
 
@@ -92,8 +92,9 @@ def test_teacher_gets_no_gradients_and_stays_in_eval(tiny):
     teacher_model = create_model("resnet18", 0.125)
     before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
     teacher = Teacher(teacher_model)
-    s = build(cfg, load_dataset("synthetic", tiny["data_dir"]), teacher_model)
-    batch = next(s.train_loader.epoch(0))
+    dataset = load_dataset("synthetic", tiny["data_dir"])
+    s = build(cfg, dataset, teacher_model)
+    batch = next(build_loaders(cfg, dataset, s.device)[0].epoch(0))
     logits, terms = s.method(s.student, batch, teacher)
     sum(terms.values()).backward()
     assert all(p.grad is None for p in teacher_model.parameters())
@@ -194,6 +195,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, tiny):
     assert full.returncode == 0, err_full
     a, b = Store(killed).runs()[0], Store(clean).runs()[0]
     assert [h["epoch"] for h in a.history] == list(range(1, epochs + 1))
+    assert all(h["time_s"] is not None for h in a.history)  # epochs replayed from the checkpoint keep their time
     assert a.run_id == b.run_id
     # Same data order, same weights, same optimiser state: the resumed run is the same run.
     assert [h["test_acc"] for h in a.history] == [h["test_acc"] for h in b.history]

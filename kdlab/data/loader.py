@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from kdlab.data.datasets import Split
+from kdlab.errors import UserError
 
 PAD = 4
 CROPS_PER_AXIS = 2 * PAD + 1
@@ -26,12 +27,26 @@ CENTER_VIEW = PAD * CROPS_PER_AXIS + PAD  # no shift, no flip: what evaluation s
 
 @dataclass
 class Batch:
-    """One batch: normalised images, labels, and which example and view each row is."""
+    """One batch: normalised images, labels, which example and view each row is, and which rows are
+    real (evaluation pads its last batch to the fixed batch size; training batches are all real)."""
 
     x: Tensor
     y: Tensor
     index: Tensor
     view: Tensor
+    mask: Tensor | None = None  # None: every row is real
+
+    def copy_(self, other: Batch) -> Batch:
+        """Copy `other` into this batch's tensors in place (fixed buffers for CUDA graphs)."""
+        for name in ("x", "y", "index", "view", "mask"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine.copy_(getattr(other, name))
+        return self
+
+    def clone(self) -> Batch:
+        """A batch with tensors of its own, of the same shapes and memory format."""
+        return Batch(*(None if t is None else t.clone() for t in (self.x, self.y, self.index, self.view, self.mask)))
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -52,12 +67,14 @@ class DeviceLoader:
     """Serves a split in batches from device memory, shuffled and augmented per epoch.
 
     The order and augmentations of epoch e depend only on (seed, e), so a resumed run sees exactly
-    the batches it would have seen without the interruption.
+    the batches it would have seen without the interruption. With `shard=(rank, world)` (one run on
+    several processes) every batch is the same global batch, and this process gets its slice of it:
+    rows rank * B/world to (rank + 1) * B/world.
     """
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, *, train: bool,
                  mean: list[float], std: list[float], seed: int = 0, augment: bool = True,
-                 channels_last: bool = False, limit: int = 0):
+                 channels_last: bool = False, limit: int = 0, shard: tuple[int, int] = (0, 1)):
         images, labels = split.images, split.labels
         if limit:
             images, labels = images[:limit], labels[:limit]
@@ -66,6 +83,13 @@ class DeviceLoader:
         # Static batch shapes (drop the last partial batch in training) keep compiled graphs reusable;
         # a split smaller than one batch becomes one batch.
         self.batch_size = min(batch_size, self.n)
+        self.rank, world = shard
+        if world > 1 and not train:
+            self.batch_size = -(-self.batch_size // world) * world  # evaluation pads: any size will do
+        if self.batch_size % world:
+            raise UserError(f"the batch size ({self.batch_size}) must be a multiple of the number of processes "
+                            f"({world}), so that each process gets an equal share of every batch")
+        self.rows = self.batch_size // world  # this process's share of each batch
         self.seed, self.device, self.channels_last = seed, device, channels_last
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
         if self.augment:
@@ -84,9 +108,13 @@ class DeviceLoader:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch (0-based), in a fixed order for (seed, epoch)."""
         if not self.train:
+            # Every batch has the full size (fixed shapes): the last one is padded with repeats of the
+            # last image, and its mask marks the real rows.
             for start in range(0, self.n, self.batch_size):
-                index = torch.arange(start, min(start + self.batch_size, self.n), device=self.device)
-                yield self._make(index, torch.full_like(index, CENTER_VIEW))
+                first = start + self.rank * self.rows
+                rows = torch.arange(first, first + self.rows, device=self.device)
+                index = rows.clamp(max=self.n - 1)
+                yield self._make(index, torch.full_like(index, CENTER_VIEW), rows < self.n)
             return
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.n, generator=gen).to(self.device)
@@ -94,16 +122,18 @@ class DeviceLoader:
             views = torch.randint(0, NUM_VIEWS, (self.n,), generator=gen).to(self.device)
         else:
             views = torch.full((self.n,), CENTER_VIEW, device=self.device)
+        real = torch.ones(self.rows, dtype=torch.bool, device=self.device)
         for b in range(len(self)):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
-            yield self._make(index, views[index])
+            first = b * self.batch_size + self.rank * self.rows
+            index = order[first:first + self.rows]
+            yield self._make(index, views[index], real)
 
-    def _make(self, index: Tensor, view: Tensor) -> Batch:
+    def _make(self, index: Tensor, view: Tensor, mask: Tensor) -> Batch:
         x = augment_views(self.images, index, view, self.size) if self.augment else self.images[index]
         x = (x.float() - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return Batch(x=x, y=self.labels[index], index=index, view=view)
+        return Batch(x=x, y=self.labels[index], index=index, view=view, mask=mask)
 
 
 def augment_views(padded: Tensor, index: Tensor, view: Tensor, size: int) -> Tensor:

@@ -40,6 +40,7 @@ from kdlab.deploy.runtime import (
     calibration_loader,
     dataset_of,
     first_batch,
+    images,
     run_logits,
     session,
     test_loader,
@@ -92,7 +93,7 @@ def int8_run(store: Store, source: RunRecord, fp32: RunRecord, calibration: int 
     try:
         path = files / MODEL_FILE
         fp32_path = model_file(store.root, fp32)
-        quantize_int8(fp32_path, path, [b.x.numpy() for b in calib.epoch(0)])
+        quantize_int8(fp32_path, path, images(calib))
         require("onnx").checker.check_model(str(path), full_check=True)
         sess, reference = session(path), session(fp32_path)
         x = first_batch(loader)

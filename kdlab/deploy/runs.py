@@ -141,6 +141,27 @@ def model_file(root: Path, record: RunRecord) -> Path:
     return path
 
 
+def copy_run_files(src: Path, dst: Path, record: RunRecord) -> None:
+    """Copy what the deploy layer keeps for a run beside the store (`kdlab merge`): its folder under
+    deploy/ (ONNX file, facts, latency) and, for a pruned model, the pruned weights it starts from."""
+    folder = artifact_dir(src, record.run_id)
+    if folder.is_dir():
+        target = artifact_dir(dst, record.run_id)
+        tmp = target.with_name(f".tmp-{os.getpid()}-{record.run_id}")
+        shutil.copytree(folder, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    digest = (record.config.get("model_args") or {}).get("sha256")
+    if str(record.config.get("model", "")).startswith("pruned:") and digest:
+        name = f"{digest[:16]}.pt"
+        if (Path(src) / PRUNED_DIR / name).is_file() and not (Path(dst) / PRUNED_DIR / name).exists():
+            (Path(dst) / PRUNED_DIR).mkdir(parents=True, exist_ok=True)
+            tmp = Path(dst) / PRUNED_DIR / f"{name}.tmp{os.getpid()}"
+            shutil.copyfile(Path(src) / PRUNED_DIR / name, tmp)
+            os.replace(tmp, Path(dst) / PRUNED_DIR / name)
+
+
 def read_json(path: Path, default: Any) -> Any:
     try:
         return json.loads(path.read_text())

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kdlab.data import Dataset, load_dataset
-from kdlab.data.loader import DeviceLoader, channel_stats
+from kdlab.data.loader import Batch, DeviceLoader, channel_stats
 from kdlab.deploy import require
 from kdlab.errors import UserError
 
@@ -80,15 +80,27 @@ def calibration_loader(config: dict[str, Any], dataset: Dataset, count: int) -> 
     return _loader(dataset, True, min(CALIBRATION_BATCH, count), count)
 
 
+def real_rows(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's images and labels without the rows that pad evaluation's last batch to full size."""
+    if batch.mask is None:
+        return batch.x, batch.y
+    return batch.x[batch.mask], batch.y[batch.mask]
+
+
+def images(loader: DeviceLoader) -> list[np.ndarray]:
+    """A split's images, batch by batch, as the float32 arrays ONNX Runtime takes."""
+    return [real_rows(b)[0].numpy() for b in loader.epoch(0)]
+
+
 def first_batch(loader: DeviceLoader, size: int = 256) -> torch.Tensor:
     """Up to `size` images from the start of a split (the check batch of an export)."""
-    x = next(loader.epoch(0)).x
-    return x[:size]
+    return real_rows(next(loader.epoch(0)))[0][:size]
 
 
 def accuracy(sess: Any, loader: DeviceLoader) -> float:
     """Top-1 accuracy (percent) of an ONNX model over a whole split."""
     correct = 0
     for batch in loader.epoch(0):
-        correct += int((run_logits(sess, batch.x).argmax(1) == batch.y.numpy()).sum())
+        x, y = real_rows(batch)
+        correct += int((run_logits(sess, x).argmax(1) == y.numpy()).sum())
     return correct / loader.n * 100

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,26 @@ def build_deployment(store: Store, dataset: str | None = None, preset: str | Non
                 and dataset in (None, r.config.get("dataset")) and preset in (None, r.config.get("preset"))):
             key = f"{r.config.get('dataset')} / {r.config.get('preset')}"
             groups[key].append(_row(store.root, r, by_id, referenced))
+    for rows in groups.values():
+        rows.sort(key=lambda row: (row.model, kind_rank(row.kind), row.precision))
+    return Deployment(dict(sorted(groups.items())))
+
+
+def deployment_over(runs_dirs: Sequence[str | Path], dataset: str | None = None,
+                    preset: str | None = None) -> Deployment:
+    """The deployment rows of several runs dirs together (`kdlab report --runs-dir A --runs-dir B`);
+    a run found in several is shown once, from the first."""
+    groups: dict[str, list[Row]] = defaultdict(list)
+    seen: set[str] = set()
+    for runs_dir in runs_dirs:
+        store = Store(runs_dir, create=False)
+        try:
+            table = build_deployment(store, dataset, preset)
+        finally:
+            store.close()
+        for key, rows in table.groups.items():
+            groups[key] += [r for r in rows if r.run_id not in seen]
+            seen.update(r.run_id for r in rows)
     for rows in groups.values():
         rows.sort(key=lambda row: (row.model, kind_rank(row.kind), row.precision))
     return Deployment(dict(sorted(groups.items())))

@@ -7,6 +7,7 @@ a method is one file with one `@register_method` class: the loop never names a m
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
@@ -64,8 +65,26 @@ class Method(nn.Module):
             raise UserError(f"method {cls.name!r} needs a teacher: use `kdlab distill --teacher RUN_OR_CHECKPOINT`")
 
     def start_epoch(self, epoch: int) -> None:
-        """Called by the loop before each epoch (0-based); methods with schedules (ESKD) use it."""
+        """Called by the loop before each epoch (0-based); methods with schedules (ESKD) use it.
+
+        A value that changes with the epoch and enters the loss belongs in a buffer updated here
+        (`fill_`), not in a Python number: the engine replays the step as a CUDA graph, which keeps
+        the numbers it was captured with (see `graph_key` for Python code that takes another path).
+        """
         self.epoch = epoch
+
+    def graph_key(self) -> Hashable:
+        """What `forward`'s Python code depends on besides tensors in the current epoch (ESKD: whether
+        the stop epoch has passed). The engine captures the step in a CUDA graph again whenever this
+        changes. None: nothing."""
+        return None
+
+    def teacher_needs(self) -> str | None:
+        """What `forward` reads from the teacher in the current epoch: "features" (stage features and
+        logits), "logits", or None. The engine runs the teacher once per batch to provide it."""
+        if not self.needs_teacher_for(self.cfg):
+            return None
+        return "features" if self.uses_features else "logits"
 
     def forward(self, student: nn.Module, batch: Batch, teacher: Teacher | None) -> tuple[Tensor, dict[str, Tensor]]:
         """Return the student's logits and the weighted loss terms whose sum is minimised."""

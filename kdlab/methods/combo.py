@@ -89,6 +89,16 @@ class Combination(Method):
         for part in self.parts.values():
             part.start_epoch(epoch)
 
+    def graph_key(self):
+        return tuple(part.graph_key() for part in self.parts.values())
+
+    def teacher_needs(self):
+        needs = {part.teacher_needs() for part in self.parts.values()} - {None}
+        if not needs:
+            return None
+        # The shared teacher proxy asks for features whenever any part uses features.
+        return "features" if self.features or "features" in needs else "logits"
+
     def forward(self, student, batch, teacher):
         shared_student = SharedStudent(student, self.features)
         shared_teacher = SharedTeacher(teacher, self.features) if teacher is not None else None

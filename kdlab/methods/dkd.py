@@ -10,6 +10,8 @@ Hyperparameters (method args): `alpha` 1.0 and `beta` 8.0 (the paper's CIFAR-100
 
 from __future__ import annotations
 
+import torch
+
 from kdlab.losses import dkd_parts
 from kdlab.methods.base import Method, register_method
 from kdlab.methods.shared import check_int, check_weights, hard_ce, method_args
@@ -33,7 +35,8 @@ class DecoupledKD(Method):
 
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
-        self.ramp = self._ramp(0)
+        # A buffer, not a float: a step replayed as a CUDA graph reads its current value.
+        self.register_buffer("ramp", torch.tensor(self._ramp(0)), persistent=False)
 
     def _ramp(self, epoch: int) -> float:
         warmup = self.args["warmup"]
@@ -41,7 +44,7 @@ class DecoupledKD(Method):
 
     def start_epoch(self, epoch):
         super().start_epoch(epoch)
-        self.ramp = self._ramp(epoch)
+        self.ramp.fill_(self._ramp(epoch))
 
     def forward(self, student, batch, teacher):
         t_logits = teacher.logits(batch)

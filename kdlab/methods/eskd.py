@@ -45,6 +45,12 @@ class EarlyStoppedKD(Method):
     def distilling(self) -> bool:
         return self.epoch < self.stop_epoch
 
+    def graph_key(self):
+        return self.distilling
+
+    def teacher_needs(self):
+        return "logits" if self.distilling else None
+
     def forward(self, student, batch, teacher):
         # Ask for the teacher only while it is used: after the stop it costs nothing.
         t_logits = teacher.logits(batch) if self.distilling else None

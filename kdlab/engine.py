@@ -1,0 +1,320 @@
+"""The engine: one training step and one evaluation step for runs trained side by side.
+
+A group of runs shares one loader, so each batch is made once. Per step: the batch is copied into
+fixed buffers, each teacher that a run needs runs once for all its students, then every run takes
+its optimisation step. On a GPU each of these is a CUDA graph (`kdlab.graphs.Captured`) and every
+run replays on a CUDA stream of its own, so that the small kernels of several small models overlap
+on the card instead of waiting for each other. On a CPU the same code runs eagerly, in turn.
+
+Nothing in a step waits for the device: losses, accuracies and the first non-finite step are
+summed on the device (`RunningSums`) and read by the loop every `SYNC_EVERY` steps.
+
+In a run on several processes (`kdlab.distributed`) each process steps its slice of every batch;
+the student and the method's own parts train as one DistributedDataParallel module, and sums are
+added over the processes when they are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdlab import distributed
+from kdlab.config import Config
+from kdlab.data.loader import Batch, DeviceLoader
+from kdlab.graphs import DDP_WARMUP_CALLS, WARMUP_CALLS, Captured
+from kdlab.methods import Method
+from kdlab.progress import Progress
+from kdlab.teacher import Teacher
+from kdlab.timing import SegmentTimer
+
+
+@dataclass
+class Setup:
+    """Everything a run trains with, built once."""
+
+    device: torch.device
+    student: nn.Module
+    student_fn: nn.Module  # the student as called in the step (compiled or not)
+    method: Method
+    optimizer: torch.optim.Optimizer
+    lr: Tensor  # the optimiser's learning rate, a device tensor set before every step
+    autocast: Callable[[], AbstractContextManager]
+
+
+class RunningSums:
+    """A run's per-epoch sums on its device, updated in place, so that a step captured in a CUDA graph
+    updates the same tensors at every replay."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.steps = torch.zeros((), device=device, dtype=torch.long)
+        self.bad = torch.full((), -1, device=device, dtype=torch.long)  # first non-finite step, -1: none
+        self.terms: dict[str, Tensor] = {}
+
+    def reset(self) -> None:
+        for t in (self.loss, self.correct, self.steps, *self.terms.values()):
+            t.zero_()
+        self.bad.fill_(-1)
+
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor, terms: dict[str, Tensor]) -> None:
+        self.bad.copy_(torch.where((self.bad < 0) & ~torch.isfinite(loss), self.steps, self.bad))
+        self.steps += 1
+        self.loss += loss
+        self.correct += (logits.argmax(1) == y).sum()
+        for name, value in terms.items():
+            if name not in self.terms:
+                if _capturing():
+                    # A sum created inside a graph would be re-zeroed at every replay.
+                    raise RuntimeError(f"loss term {name!r} first appeared while the step was captured")
+                self.terms[name] = torch.zeros((), device=self.device)
+            self.terms[name] += value.detach().float()
+
+    def read(self, world: int = 1) -> dict[str, Any]:
+        """Host copies (waits for the device): steps, mean loss, correct count, first bad step, mean
+        terms; over all processes of the run (each process's loss is the mean over its slice)."""
+        values = distributed.all_reduce(torch.stack([self.loss, self.correct.float(), *self.terms.values()]))
+        bad = int(distributed.all_reduce(self.bad.clone(), "max"))
+        steps = max(1, int(self.steps)) * world
+        host = values.tolist()
+        return {"steps": int(self.steps), "loss": host[0] / steps, "correct": round(host[1]), "bad": bad,
+                "terms": {k: v / steps for k, v in zip(self.terms, host[2:], strict=True)}}
+
+
+@dataclass
+class Job:
+    """One run inside a group that trains side by side: its setup, history and device state."""
+
+    cfg: Config
+    run_id: str
+    teacher: Teacher | None
+    label: str
+    s: Setup | None = None
+    timer: SegmentTimer | None = None
+    progress: Progress | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+    start_epoch: int = 0
+    alive: bool = True
+    sums: RunningSums | None = None
+    seen: int = 0  # training images this epoch (over all processes)
+    lr: float = 0.0  # the last step's learning rate, for the record
+    eval_sums: tuple[Tensor, Tensor] | None = None  # (loss sum, correct) over the test split
+    stream: Any = None
+    train_step: Captured | None = None
+    eval_step: Captured | None = None
+    trainable: nn.Module | None = None  # student + method as one module (DistributedDataParallel-wrapped)
+
+    def active(self, epoch: int) -> bool:
+        return self.alive and self.start_epoch <= epoch < self.cfg.epochs
+
+    def setup_s(self) -> float:
+        """Wall time spent warming up and capturing this run's steps (compilation included)."""
+        return sum(c.setup_s for c in (self.train_step, self.eval_step) if c is not None)
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
+    """bf16 autocast without its weight cache (a cached cast would be replayed stale from a graph)."""
+    if precision != "bf16":
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+class Engine:
+    """Steps a group of jobs that share `train` and `test` loaders (see the module's docstring)."""
+
+    def __init__(self, jobs: list[Job], train: DeviceLoader, test: DeviceLoader, device: torch.device,
+                 precision: str, world: distributed.World | None = None):
+        self.jobs, self.train, self.test, self.device, self.world = jobs, train, test, device, world
+        self.graphs = device.type == "cuda" and all(j.cfg.graphs for j in jobs)
+        self.autocast = autocast_for(device, precision)
+        self.batch = _blank(train)  # the fixed buffers every step reads
+        self.eval_batch = _blank(test)
+        self.teacher_steps: dict[tuple[int, str], Captured] = {}
+        self.teacher_timers: dict[int, SegmentTimer] = {}
+        for job in jobs:
+            self._attach(job)
+
+    def _attach(self, job: Job) -> None:
+        s = job.s
+        job.sums = RunningSums(self.device)
+        job.eval_sums = (torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long))
+        job.stream = torch.cuda.Stream(self.device) if self.graphs else None
+        s.optimizer.param_groups[0]["lr"] = s.lr  # fused SGD reads the tensor: no host value in the step
+        job.trainable = _Trainable(s, self.batch, job.teacher)
+        if self.world is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Built on the stream its graph will be captured on (PyTorch's CUDA-graph notes on DDP).
+            with torch.cuda.stream(job.stream) if job.stream is not None else nullcontext():
+                job.trainable = DistributedDataParallel(
+                    job.trainable, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        def train_body() -> None:
+            with s.autocast():
+                logits, terms = job.trainable()
+            loss = sum(terms.values())
+            loss.backward()
+            s.optimizer.step()
+            job.sums.add(loss.detach(), logits.detach(), self.batch.y, terms)
+
+        def eval_body() -> None:
+            batch, (loss_sum, correct) = self.eval_batch, job.eval_sums
+            with torch.no_grad(), s.autocast():
+                logits = s.student_fn(batch.x)
+            loss = F.cross_entropy(logits.float(), batch.y, reduction="none")
+            loss_sum += (loss * batch.mask).sum()
+            correct += ((logits.argmax(1) == batch.y) & batch.mask).sum()
+
+        name = f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method} {job.run_id[:8]}"
+        job.train_step = Captured(train_body, self.device, enabled=self.graphs, name=f"the training step of {name}",
+                                  stream=job.stream, before=lambda: s.optimizer.zero_grad(set_to_none=True),
+                                  warmup=DDP_WARMUP_CALLS if self.world is not None else WARMUP_CALLS)
+        job.eval_step = Captured(eval_body, self.device, enabled=self.graphs, name=f"the evaluation of {name}",
+                                 stream=job.stream)
+
+    # ---- training --------------------------------------------------------------------------------
+
+    def start_epoch(self, jobs: list[Job], epoch: int) -> None:
+        for job in jobs:
+            job.s.student.train()
+            job.s.method.train()
+            job.s.method.start_epoch(epoch)
+            job.sums.reset()
+            job.seen = 0
+        self._needs = self._teacher_needs(jobs)
+
+    def step(self, jobs: list[Job], batch: Batch, lrs: list[float]) -> None:
+        """One optimisation step of every job on `batch`, with the given learning rates."""
+        self.batch.copy_(batch)
+        for teacher, needs in self._needs:
+            self._run_teacher(teacher, needs)
+        with self._fan_out(jobs) as streams:
+            for job, lr, stream in zip(jobs, lrs, streams, strict=True):
+                with stream:
+                    job.s.lr.fill_(lr)
+                    with job.timer("step"):
+                        job.train_step(job.s.method.graph_key())
+                job.seen += self.train.batch_size
+                job.lr = lr
+
+    def _teacher_needs(self, jobs: list[Job]) -> list[tuple[Teacher, str]]:
+        """Each teacher the jobs read this epoch, with "features" if any of its students needs them."""
+        needs: dict[int, tuple[Teacher, str]] = {}
+        for job in jobs:
+            need = job.s.method.teacher_needs() if job.teacher is not None else None
+            if need is None:
+                continue
+            _, known = needs.get(id(job.teacher), (job.teacher, "logits"))
+            needs[id(job.teacher)] = (job.teacher, "features" if "features" in (need, known) else "logits")
+        return list(needs.values())
+
+    def _run_teacher(self, teacher: Teacher, needs: str) -> None:
+        key = (id(teacher), needs)
+        if key not in self.teacher_steps:
+            def forward() -> tuple[list[Tensor] | None, Tensor]:
+                with self.autocast():
+                    return teacher.run(self.batch.x, features=needs == "features")
+
+            self.teacher_steps[key] = Captured(forward, self.device, enabled=self.graphs,
+                                               name=f"the forward of teacher {teacher.run_id or ''}".strip())
+            self.teacher_timers.setdefault(id(teacher), SegmentTimer(self.device))
+        with self.teacher_timers[id(teacher)]("teacher"):
+            feats, logits = self.teacher_steps[key]()
+        teacher.hold(self.batch, feats, logits)
+
+    def teacher_time(self) -> dict[int, float]:
+        """Seconds each teacher (by id) has spent in forward passes so far."""
+        return {k: t.collect().get("teacher", 0.0) for k, t in self.teacher_timers.items()}
+
+    # ---- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self, jobs: list[Job]) -> dict[str, tuple[float, float]]:
+        """Mean cross-entropy and accuracy (percent) of each job's student on the test split, in eval
+        mode, keyed by run id."""
+        for job in jobs:
+            job.s.student.eval()
+            for t in job.eval_sums:
+                t.zero_()
+        for batch in self.test.epoch(0):
+            self.eval_batch.copy_(batch)
+            with self._fan_out(jobs) as streams:
+                for job, stream in zip(jobs, streams, strict=True):
+                    with stream, job.timer("eval"):
+                        job.eval_step()
+        out = {}
+        for job in jobs:
+            job.s.student.train()
+            loss_sum, correct = (distributed.all_reduce(t.clone()) for t in job.eval_sums)
+            out[job.run_id] = (float(loss_sum) / self.test.n, float(correct) / self.test.n * 100)
+        return out
+
+    def read(self, job: Job) -> dict[str, Any]:
+        """The job's running sums so far this epoch (over all processes of the run)."""
+        return job.sums.read(self.world.size if self.world is not None else 1)
+
+    # ---- streams ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def _fan_out(self, jobs: list[Job]) -> Iterator[list[AbstractContextManager]]:
+        """One stream context per job: each job's stream first waits for the work queued so far (the
+        batch, the teachers), and the main stream waits for every job before the buffers are reused."""
+        if not self.graphs:
+            yield [nullcontext() for _ in jobs]
+            return
+        main = torch.cuda.current_stream(self.device)
+        ready = main.record_event()
+        for job in jobs:
+            job.stream.wait_event(ready)
+        yield [torch.cuda.stream(job.stream) for job in jobs]
+        for job in jobs:
+            main.wait_stream(job.stream)
+
+
+class _Trainable(nn.Module):
+    """The student and the method's own parts as one module whose call is one training forward on the
+    engine's fixed batch: what DistributedDataParallel wraps, so that every trained parameter's
+    gradient is averaged over the processes. (The batch and teacher are not call arguments: DDP
+    would copy the batch, and the teacher's outputs are shared by the batch's identity.)"""
+
+    def __init__(self, s: Setup, batch: Batch, teacher: Teacher | None):
+        super().__init__()
+        self.student_fn, self.method = s.student_fn, s.method
+        self._batch, self._teacher = batch, teacher
+
+    def forward(self) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.method(self.student_fn, self._batch, self._teacher)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _blank(loader: DeviceLoader) -> Batch:
+    """Fixed buffers shaped like the loader's batches (memory format included)."""
+    return next(loader.epoch(0)).clone()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DeviceLoader, autocast: Any = nullcontext) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (percent) of any model over a split, in eval mode (eagerly)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=loader.device)
+    correct = torch.zeros((), device=loader.device, dtype=torch.long)
+    for batch in loader.epoch(0):
+        with autocast():
+            logits = model(batch.x)
+        loss = F.cross_entropy(logits.float(), batch.y, reduction="none")
+        loss_sum += (loss * batch.mask).sum()
+        correct += ((logits.argmax(1) == batch.y) & batch.mask).sum()
+    model.train(was_training)
+    return float(loss_sum) / loader.n, float(correct) / loader.n * 100
