@@ -88,6 +88,19 @@ def test_pruned_run_fine_tuned_and_rebuilds_from_a_moved_runs_dir(study, tmp_pat
     store.close()
 
 
+def test_merge_carries_onnx_files_and_pruned_weights(study, tmp_path, capsys):
+    into = tmp_path / "merged"
+    assert main(["merge", str(study.runs), "--into", str(into)]) == 0
+    store = Store(into, create=False)
+    pruned = next(r for r in store.runs() if r.config["model"] == "pruned:resnet18")
+    load_run_model(pruned, into)  # its pruned weights came along
+    store.close()
+    capsys.readouterr()
+    assert main(["report", "--runs-dir", str(into), "--runs-dir", str(study.runs), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["deployment"]["synthetic / smoke"]
+    assert len(rows) == 5 and all(r["size_mb"] and r["b1_ms"] for r in rows)  # the ONNX files and timings too
+
+
 def test_quantization_aware_training_is_the_second_int8_mode(study, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     shutil.copytree(study.runs, runs)

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from kdlab.config import build_config
+from kdlab.data import load_dataset
+from kdlab.data.loader import channel_stats
 from kdlab.deploy.export import check_agreement, compare, export_onnx
 from kdlab.deploy.latency import parse_counts
 from kdlab.deploy.prune import prune_model
 from kdlab.deploy.runs import model_flops
-from kdlab.deploy.runtime import run_logits, session
+from kdlab.deploy.runtime import accuracy, run_logits, session, test_loader
 from kdlab.deploy.table import pareto
 from kdlab.errors import UserError
 from kdlab.methods.qat import make_quant_aware, strip_quant_aware
@@ -63,6 +65,21 @@ def test_disagreement_and_unwritable_opsets_are_errors(tmp_path):
     other = create_model("resnet18", 0.0625).eval()  # same shape, other weights
     with pytest.raises(UserError, match="disagrees with PyTorch"):
         check_agreement(compare(session(tmp_path / "a.onnx"), other, x))
+
+
+def test_onnx_accuracy_counts_each_test_image_once(tmp_path, synthetic_dir):
+    model = _model("resnet18", 0.0625)
+    export_onnx(model, torch.randn(2, *IMAGE), tmp_path / "m.onnx", 20)
+    dataset = load_dataset("synthetic", synthetic_dir)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in channel_stats(dataset.train.images))
+    x = (torch.from_numpy(dataset.test.images[:127]).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    with torch.no_grad():
+        right = model(x).argmax(1).numpy() == dataset.test.labels[:127]
+    # End the split on an image the model gets right: evaluation pads the last batch of 64 with copies
+    # of it, which must not count.
+    n = max(i for i in range(65, 127) if right[i]) + 1
+    loader = test_loader({"test_limit": n, "eval_batch_size": 64}, dataset)
+    assert accuracy(session(tmp_path / "m.onnx"), loader) == pytest.approx(right[:n].mean() * 100)
 
 
 @pytest.mark.parametrize(("name", "criterion"), [("vgg16", "l2"), ("resnet18", "bn"), ("densenet", "l1")])
