@@ -14,7 +14,7 @@ from kdlab.deploy.export import check_agreement, compare, export_onnx
 from kdlab.deploy.latency import parse_counts
 from kdlab.deploy.prune import prune_model
 from kdlab.deploy.runs import model_flops
-from kdlab.deploy.runtime import accuracy, run_logits, session, test_loader
+from kdlab.deploy.runtime import accuracy, evaluation_loader, run_logits, session
 from kdlab.deploy.table import pareto
 from kdlab.errors import UserError
 from kdlab.methods.qat import make_quant_aware, strip_quant_aware
@@ -78,7 +78,7 @@ def test_onnx_accuracy_counts_each_test_image_once(tmp_path, synthetic_dir):
     # End the split on an image the model gets right: evaluation pads the last batch of 64 with copies
     # of it, which must not count.
     n = max(i for i in range(65, 127) if right[i]) + 1
-    loader = test_loader({"test_limit": n, "eval_batch_size": 64}, dataset)
+    loader = evaluation_loader({"test_limit": n, "eval_batch_size": 64}, dataset)
     assert accuracy(session(tmp_path / "m.onnx"), loader) == pytest.approx(right[:n].mean() * 100)
 
 

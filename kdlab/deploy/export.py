@@ -38,7 +38,15 @@ from kdlab.deploy.runs import (
     record_deploy_run,
     scratch_dir,
 )
-from kdlab.deploy.runtime import accuracy, dataset_of, first_batch, normalisation, run_logits, session, test_loader
+from kdlab.deploy.runtime import (
+    accuracy,
+    dataset_of,
+    evaluation_loader,
+    first_batch,
+    normalisation,
+    run_logits,
+    session,
+)
 from kdlab.errors import UserError
 from kdlab.models import count_params, paper_params
 from kdlab.store import RunRecord, Store
@@ -143,7 +151,7 @@ def export_run(store: Store, source: RunRecord, opset: int = DEFAULT_OPSET, *, d
     t0 = time.perf_counter()
     model = load_run_model(source, store.root)
     dataset = dataset_of(source.config, data_dir)
-    loader = test_loader(source.config, dataset)
+    loader = evaluation_loader(source.config, dataset)
     x = first_batch(loader)
     files = scratch_dir(store.root)
     try:

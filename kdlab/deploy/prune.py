@@ -22,7 +22,7 @@ from torch import nn
 from kdlab.config import Config
 from kdlab.deploy import require
 from kdlab.deploy.runs import PRUNED_DIR, derived_config, finished_run, load_run_model
-from kdlab.deploy.runtime import dataset_of, first_batch, test_loader
+from kdlab.deploy.runtime import dataset_of, evaluation_loader, first_batch
 from kdlab.errors import UserError
 from kdlab.models import model_family
 from kdlab.models.pruned import save_pruned
@@ -131,7 +131,7 @@ def prune_run(store: Store, parent: RunRecord, ratio: float, criterion: str = "l
     trial = {"parent": parent.run_id, "ratio": ratio, "criterion": criterion, "sha256": "", "path": ""}
     recovery_config(parent, base, trial, (ident, path), epochs, lr, overrides or {}, data_dir)  # fail before work
     dataset = dataset_of(parent.config, data_dir)
-    prune_model(model, first_batch(test_loader(parent.config, dataset), 2), ratio, criterion)
+    prune_model(model, first_batch(evaluation_loader(parent.config, dataset), 2), ratio, criterion)
     digest, file = save_pruned(model, {"model": base, "width": float(parent.config["width"]),
                                        "num_classes": int(model.num_classes)}, store.root / PRUNED_DIR)
     args = {"parent": parent.run_id, "ratio": ratio, "criterion": criterion, "sha256": digest, "path": str(file)}

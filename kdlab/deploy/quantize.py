@@ -39,11 +39,11 @@ from kdlab.deploy.runtime import (
     accuracy,
     calibration_loader,
     dataset_of,
+    evaluation_loader,
     first_batch,
     images,
     run_logits,
     session,
-    test_loader,
 )
 from kdlab.store import RunRecord, Store
 
@@ -88,7 +88,7 @@ def int8_run(store: Store, source: RunRecord, fp32: RunRecord, calibration: int 
     dataset = dataset_of(source.config, data_dir)
     calib = calibration_loader(source.config, dataset, calibration)  # checks the count first
     t0 = time.perf_counter()
-    loader = test_loader(source.config, dataset)
+    loader = evaluation_loader(source.config, dataset)
     files = scratch_dir(store.root)
     try:
         path = files / MODEL_FILE

@@ -59,7 +59,7 @@ def _loader(dataset: Dataset, train_split: bool, batch: int, limit: int) -> Devi
     return DeviceLoader(split, batch, CPU, train=False, mean=mean, std=std, limit=limit)
 
 
-def test_loader(config: dict[str, Any], dataset: Dataset) -> DeviceLoader:
+def evaluation_loader(config: dict[str, Any], dataset: Dataset) -> DeviceLoader:
     """The run's test set (its test_limit applied), in evaluation batches."""
     return _loader(dataset, False, int(config.get("eval_batch_size") or 1000),
                    int(config.get("test_limit") or 0))
