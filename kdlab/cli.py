@@ -6,8 +6,8 @@ User errors print one line on stderr and exit with code 2; nothing else is caugh
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +18,7 @@ import yaml
 
 from kdlab.errors import UserError
 from kdlab.grid import PAPER_MODELS
+from kdlab.progress import echo
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -126,14 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="weight of cross-entropy in equation (2) (paper: 0.7)")
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a method's own hyperparameter (repeatable)")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="distil even if the teacher was trained on other data (another fingerprint or image size)")
     _add_run_options(p)
     _add_nproc(p)
 
     p = sub.add_parser("grid", help="run the study: teachers, students alone, every student from every teacher")
-    p.add_argument("--teachers", default=",".join(PAPER_MODELS), help="comma-separated teacher models")
-    p.add_argument("--students", default=",".join(PAPER_MODELS), help="comma-separated student models (half width)")
+    p.add_argument("--teachers", default=",".join(PAPER_MODELS),
+                   help="comma-separated teacher models, each MODEL or MODEL@WIDTH")
+    p.add_argument("--students", default=",".join(PAPER_MODELS),
+                   help="comma-separated student models, each MODEL or MODEL@WIDTH")
+    p.add_argument("--teacher-width", type=float,
+                   help="width of teachers given without @WIDTH (default: the preset's, 1.0; smoke 0.125)")
+    p.add_argument("--student-width", type=float,
+                   help="width of students given without @WIDTH (default: the preset's, 0.5; smoke 0.0625)")
     p.add_argument("--methods", default="kd", help="comma-separated distillation methods (default kd)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 for every run (default 1)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="number of seeds (default 1): S, S+1, ... S+N-1, where S is --seed (default 0)")
     p.add_argument("--method-arg", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method's own hyperparameter, e.g. dkd.beta=8 (repeatable)")
     p.add_argument("--assistants", default="",
@@ -216,14 +226,20 @@ def _methods(args: argparse.Namespace) -> int:
     from kdlab.methods import METHODS
 
     rows = [{"name": name, "teacher": cls.needs_teacher, "features": cls.uses_features, "args": cls.defaults,
-             "paper": cls.paper} for name, cls in sorted(METHODS.items())]
+             "paper": cls.paper, "setting": cls.setting, "notes": cls.notes, "version": cls.version}
+            for name, cls in sorted(METHODS.items())]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
         needs = "teacher" if r["teacher"] else "no teacher"
-        args_text = ", ".join(f"{k}={v}" for k, v in r["args"].items()) or "-"
-        print(f"{r['name']:<8} {needs:<11} {r['paper']}\n{'':<20} args: {args_text}")
+        args_text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["args"].items())
+        print(f"{r['name']:<8} {needs:<11} {r['paper']}\n{'':<20} args: {args_text or '-'}")
+        for label in ("setting", "notes"):
+            if r[label]:
+                print(f"{'':<20} {'defaults from' if label == 'setting' else 'note'}: {r[label]}")
+    print("Defaults are tuned for the setting named; on other data, lrs, batch sizes or run lengths, check them: "
+          "a run whose training falls apart is flagged as diverged.")
     return 0
 
 
@@ -250,7 +266,8 @@ def _distill(args: argparse.Namespace) -> int:
              "method_args": _pairs(args.method_arg, "--method-arg") or None}
     record = distill(args.teacher, args.student, teacher_model=args.teacher_model, teacher_width=args.teacher_width,
                      method=args.method, preset=args.preset, config=args.config, runs_dir=args.runs_dir,
-                     quiet=args.quiet, verbose=True, **_overrides(args, extra))
+                     quiet=args.quiet, verbose=True, allow_other_data=args.allow_other_data,
+                     **_overrides(args, extra))
     return _print_record(record)
 
 
@@ -260,11 +277,18 @@ def _print_record(record: Any) -> int:
         raise UserError(f"run {record.run_id} failed: {record.error}")
     if _quiet_rank():
         return 0
+    data = (cfg.get("data_info") or {}).get("name", cfg["dataset"])
     print(f"run {record.run_id}: {cfg['model']} width {cfg['width']:g}, method {cfg['method']}, "
-          f"{cfg['dataset']}, seed {cfg['seed']}")
+          f"{data}, seed {cfg['seed']}")
     print(f"final test accuracy {record.final_acc:.2f}% (last epoch; best {record.best_acc:.2f}% at epoch "
           f"{record.best_epoch}), {record.epochs_done} epochs in {record.wall_s:.1f}s on {record.device}")
     print(f"checkpoint {record.checkpoint}")
+    if record.diverged:
+        # Finished, but not a result: say so last, where it is read, and exit non-zero for scripts.
+        why = record.health.partition(": ")[2]
+        print(f"run {record.run_id} DIVERGED: {why}; its accuracy is not a result (the report lists it as "
+              "diverged): lower the lr or the method's loss weights")
+        return 1
     return 0
 
 
@@ -287,7 +311,8 @@ def _grid(args: argparse.Namespace) -> int:
     spec = GridSpec(teachers=_csv(args.teachers), students=_csv(args.students), seeds=args.seeds,
                     preset=args.preset, methods=_csv(args.methods), dataset=args.dataset, data_dir=args.data_dir,
                     config=args.config, overrides={k: v for k, v in overrides.items() if v is not None},
-                    method_args=_grid_method_args(args.method_arg), assistants=_csv(args.assistants))
+                    method_args=_grid_method_args(args.method_arg), assistants=_csv(args.assistants),
+                    teacher_width=args.teacher_width, student_width=args.student_width)
     runs = plan(spec)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     if args.ray:
@@ -298,14 +323,14 @@ def _grid(args: argparse.Namespace) -> int:
             raise UserError("--workers and --ray do not mix: Ray places the runs (see --gpus-per-run)")
     compress = parse_compress(args.compress) if args.compress else None
     if args.dry_run:
-        store = Store(runs_dir, create=False) if (runs_dir / DB_NAME).exists() else None
+        store = Store(runs_dir, readonly=True) if (runs_dir / DB_NAME).exists() else None
         for r, state in zip(runs, states(runs, store), strict=True):
             print(f"{r.run_id}  {state:<8} {r.role:<8} {r.label}")
         for line in plan_lines(runs, compress, store) if compress else []:
             print(line)
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
-    log, failed_workers = functools.partial(print, file=sys.stderr), 0
+    log, failed_workers = echo, 0
     if args.ray:
         from kdlab.ray_grid import run_grid_ray
 
@@ -317,7 +342,7 @@ def _grid(args: argparse.Namespace) -> int:
                                                   log=log)
     if compress:
         counts.update(compress_grid(runs, runs_dir, compress, quiet=args.quiet, log=log))
-    print(", ".join(f"{n} {k}" for k, n in counts.items()))
+    print(", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "diverged"))
     return 0 if counts.get("failed", 0) == counts.get("compress failed", 0) == 0 and not failed_workers else 1
 
 
@@ -386,9 +411,8 @@ def _demo(args: argparse.Namespace) -> int:
           f"preset, CPU, {args.workers} processes", file=sys.stderr)
     grid_args = ["--preset", "smoke", "--dataset", "synthetic", "--data-dir", data_dir, "--runs-dir", str(runs_dir),
                  "--seeds", str(args.seeds)]
-    run_with_workers(runs, runs_dir, args.workers, grid_args, silent=args.quiet,
-                     log=lambda m: print(m, file=sys.stderr))
-    store = Store(runs_dir, create=False)
+    run_with_workers(runs, runs_dir, args.workers, grid_args, quiet=args.quiet, silent=args.quiet, log=echo)
+    store = Store(runs_dir, readonly=True)
     report = build_report(store, dataset="synthetic", preset="smoke")
     store.close()
     print(render(report, "md", compare_paper=True))
@@ -434,7 +458,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = ["kdlab", *argv]
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # so that a reader who left (`| head`) shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader of our output is gone: stop quietly, as Unix tools do (exit 128 + SIGPIPE).
+        # Point stdout at /dev/null so that Python's own flush at exit does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UserError as e:
         sys.stderr.write(f"kdlab: error: {e}\n")
         return 2

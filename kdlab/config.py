@@ -2,7 +2,8 @@
 
 A `Config` describes one run completely. Its hash (over the fields that change results, so not
 where the data or the runs live) is the run's identity: the same command twice is the same run,
-which is how finished runs are skipped and interrupted ones resumed.
+which is how finished runs are skipped and interrupted ones resumed. The data enters the hash by
+its content: `bind_dataset` sets the dataset's fingerprint, and then its name and place do not count.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ _OWN_GRAPHS = ("reduce-overhead", "max-autotune")  # compile modes that capture 
 # Fields that say where things are, how they are shown or how the same arithmetic is scheduled, not
 # what is computed: kept out of the hash.
 _LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots", "graphs", "checkpoint_every",
-                    "sync_bn")
+                    "sync_bn", "data_info")
 # Fields added after the first stores were written: hashed only when they differ from their default,
 # so the runs of older stores keep their ids.
-_LATER_FIELDS = {"model_args": {}}
+_LATER_FIELDS = {"model_args": {}, "data_fingerprint": None}
+# Fields kdlab computes (bind_dataset): a settings file or --set may not give them.
+_DERIVED_FIELDS = ("data_fingerprint", "data_info")
 # model_args keys that say where a file is, not what it holds (its digest sits beside it and is hashed).
 _LOCATION_MODEL_ARGS = ("path",)
 
@@ -46,8 +49,10 @@ class Config:
     model: str = "resnet18"
     width: float = 1.0
     model_args: dict[str, Any] = field(default_factory=dict)  # constructor arguments of a source's model
-    dataset: str = "cifar10"
+    dataset: str = "cifar10"  # a built-in name or a folder; once bound, a location (the fingerprint is the data)
     data_dir: str | None = None
+    data_fingerprint: str | None = None  # hash of the dataset's content (bind_dataset); None: not bound
+    data_info: dict[str, Any] = field(default_factory=dict)  # its name, image size, classes and counts
     train_limit: int = 0  # use only the first N training images (0: all); smoke runs
     test_limit: int = 0
     # how it learns: the method and its teacher
@@ -84,11 +89,20 @@ class Config:
     seed: int = 0
 
     def run_hash(self) -> str:
-        """Stable identity of the run: a hash of every field that changes its result."""
+        """Stable identity of the run: a hash of every field that changes its result.
+
+        With a fingerprint, the data is identified by its content, so the dataset's name (or path)
+        is left out: the same images under another path are the same run, other images another.
+        A method whose behaviour changed since the first stores (`Method.version`) adds its version.
+        """
+        skip = {*_LOCATION_FIELDS, "dataset"} if self.data_fingerprint else set(_LOCATION_FIELDS)
         data = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in _LOCATION_FIELDS and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+                if k not in skip and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
         if "model_args" in data:
             data["model_args"] = {k: v for k, v in data["model_args"].items() if k not in _LOCATION_MODEL_ARGS}
+        versions = _method_versions(self)
+        if versions:
+            data["method_versions"] = versions
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -118,6 +132,25 @@ _SMOKE = dict(epochs=2, batch_size=32, lr=0.1, momentum=0.9, nesterov=True, weig
 
 # Widths the grid (and `kdlab train` under smoke) uses for teachers and students.
 PRESET_WIDTHS = {"paper": (1.0, 0.5), "fast": (1.0, 0.5), "smoke": (0.125, 0.0625)}
+
+
+def _method_versions(cfg: Config) -> dict[str, int]:
+    from kdlab.methods import METHODS
+
+    cls = METHODS.get(cfg.method)
+    return cls.versions(cfg) if cls is not None else {}
+
+
+def bind_dataset(cfg: Config, identity: Any = None) -> Config:
+    """The config with its dataset identified: the content's fingerprint and description set, and
+    `dataset` made a location (a folder's absolute path). `identity` (a `kdlab.data.DataIdentity`)
+    is looked up when not given; the grid passes the one it looked up for all its runs."""
+    if identity is None:
+        from kdlab.data import identify_dataset
+
+        identity = identify_dataset(cfg.dataset, cfg.data_dir)
+    return dataclasses.replace(cfg, dataset=identity.location, data_fingerprint=identity.fingerprint,
+                               data_info=dict(identity.info))
 
 
 def preset_values(preset: str, model: str) -> dict[str, Any]:
@@ -177,8 +210,10 @@ _FIELD_TYPES = typing.get_type_hints(Config)
 def _coerce(key: str, value: Any, source: str) -> Any:
     """Check one value against its field's type, converting where it is lossless (3 -> 3.0)."""
     if key not in _FIELD_TYPES:
-        known = ", ".join(f.name for f in dataclasses.fields(Config))
+        known = ", ".join(f.name for f in dataclasses.fields(Config) if f.name not in _DERIVED_FIELDS)
         raise UserError(f"unknown setting {key!r} in {source}; known settings: {known}")
+    if key in _DERIVED_FIELDS:
+        raise UserError(f"setting {key!r} in {source} is computed by kdlab from the dataset's files; remove it")
     kind = _FIELD_TYPES[key]
     ok, converted = _check_type(kind, value)
     if not ok:

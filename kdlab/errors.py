@@ -7,3 +7,10 @@ class UserError(Exception):
 
 class RunBusy(UserError):
     """The run is held by another live process (a second `kdlab grid` on the same runs dir)."""
+
+
+def warn(message: str) -> None:
+    """One line on stderr for something worth knowing that is not an error (the run goes on)."""
+    from kdlab.progress import echo
+
+    echo(f"kdlab: warning: {message}")

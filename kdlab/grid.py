@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdlab.config import PRESET_WIDTHS, Config, build_config, load_yaml
+from kdlab.config import PRESET_WIDTHS, Config, bind_dataset, build_config, load_yaml
+from kdlab.data import identify_dataset
 from kdlab.device import resolve_device
-from kdlab.errors import UserError
+from kdlab.errors import UserError, warn
 from kdlab.loop import loader_key, prepare_teacher, run_group
-from kdlab.models import list_models
+from kdlab.models import display_name, input_size_note, list_models
+from kdlab.progress import GridProgress, live_session
 
 PAPER_MODELS = ("vgg16", "resnet18", "densenet121")
 POLL_S = 5.0
@@ -43,7 +45,11 @@ class PlannedRun:
 
 @dataclass
 class GridSpec:
-    """What a grid is made of; defaults are the paper's study."""
+    """What a grid is made of; defaults are the paper's study.
+
+    Teachers and students are model names, each optionally MODEL@WIDTH; a bare name takes
+    `teacher_width` / `student_width` (default: the preset's, 1.0 and 0.5 for paper and fast).
+    """
 
     teachers: Sequence[str] = PAPER_MODELS
     students: Sequence[str] = PAPER_MODELS
@@ -56,47 +62,57 @@ class GridSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method
     assistants: Sequence[str] = ()  # TAKD chains: MODEL@WIDTH between each teacher and the students
+    teacher_width: float | None = None
+    student_width: float | None = None
+
+    def widths(self) -> tuple[float, float]:
+        """The grid's default teacher and student widths: given, else the preset's."""
+        preset_teacher, preset_student = PRESET_WIDTHS[self.preset]
+        return self.teacher_width or preset_teacher, self.student_width or preset_student
+
+
+# Settings the grid sets per run from its own options: given through --set or a config file they
+# would be overwritten without a word, so they are refused with the option to use instead.
+_GRID_OWNED = {
+    "model": "--teachers and --students", "width": "--teacher-width/--student-width or MODEL@WIDTH names",
+    "method": "--methods", "method_args": "--method-arg METHOD.KEY=VALUE", "teacher": "nothing (the grid trains "
+    "its own teachers)", "teacher_path": "nothing (the grid trains its own teachers)", "preset": "--preset",
+}
 
 
 def plan(spec: GridSpec) -> list[PlannedRun]:
-    """The grid's runs in dependency order: teachers, students alone, then distilled students."""
+    """The grid's runs in dependency order: teachers, students alone, then distilled students.
+
+    Every run's config is bound to the dataset's content (one fingerprint for the whole grid), so
+    the ids are final before anything trains."""
     _check_spec(spec)
-    teacher_width, student_width = PRESET_WIDTHS[spec.preset]
     file_values = load_yaml(spec.config) if spec.config else {}
+    for source, values in (("--set", spec.overrides), (f"config file {spec.config}", file_values)):
+        owned = sorted(set(values) & set(_GRID_OWNED))
+        if owned:
+            raise UserError(f"kdlab grid sets {owned[0]!r} per run, so {owned[0]} from {source} would be ignored: "
+                            f"use {_GRID_OWNED[owned[0]]}")
     base = {k: v for k, v in {"dataset": spec.dataset, "data_dir": spec.data_dir, **spec.overrides}.items()
             if v is not None}
+    # --seed (or a seed in the config file) is the first of the grid's seeds: S, S+1, ... S+N-1.
+    first_seed = base.pop("seed", file_values.get("seed", 0))
+    if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < 0:
+        raise UserError(f"seed must be an integer >= 0, got {first_seed!r}")
+    identity: list[Any] = []  # the dataset's, looked up with the first config
 
     def make(model: str, width: float, seed: int, **extra: Any) -> Config:
-        return build_config(spec.preset, model, file_values, {**base, "width": width, "seed": seed, **extra})
+        cfg = build_config(spec.preset, model, file_values, {**base, "width": width, "seed": seed, **extra})
+        if not identity:
+            identity.append(identify_dataset(cfg.dataset, cfg.data_dir))
+        return bind_dataset(cfg, identity[0])
 
-    from kdlab.methods import METHODS
-
-    def method_cfg(student: str, seed: int, method: str, teacher: str | None) -> Config:
-        args = spec.method_args.get(method, {})
-        return make(student, student_width, seed, method=method, teacher=teacher, method_args=args)
-
+    teacher_width, student_width = spec.widths()
+    teachers = [parse_member(t, teacher_width) for t in spec.teachers]
+    students = [parse_member(s, student_width) for s in spec.students]
     runs: list[PlannedRun] = []
-    for seed in range(spec.seeds):
-        teachers = {}
-        for t in spec.teachers:
-            cfg = make(t, teacher_width, seed)
-            teachers[t] = cfg.run_hash()
-            runs.append(PlannedRun("teacher", cfg, label=f"{t} s{seed}"))
-        for s in spec.students:
-            runs.append(PlannedRun("student", make(s, student_width, seed), label=f"{s}_half s{seed}"))
-        for method in spec.methods:
-            if not METHODS[method].needs_teacher_for(method_cfg(spec.students[0], seed, method, "x")):
-                # Online and self distillation: no separate teacher, one run per student.
-                for s in spec.students:
-                    runs.append(PlannedRun("distill", method_cfg(s, seed, method, None),
-                                           label=f"{s}_half {method} s{seed}"))
-                continue
-            for t in spec.teachers:
-                for s in spec.students:
-                    runs.append(PlannedRun("distill", method_cfg(s, seed, method, teachers[t]),
-                                           depends_on=teachers[t], label=f"{s}_half <- {t} {method} s{seed}"))
-        for assistant in spec.assistants:
-            runs += _takd_chain(spec, assistant, seed, teachers, make, student_width)
+    for seed in range(first_seed, first_seed + spec.seeds):
+        runs += _seed_runs(spec, seed, teachers, students, make)
+    _warn_small_inputs([m for m, _ in (*teachers, *students)], identity[0].info["image_size"])
     # Teachers of every seed first, so a second process finds distillation work sooner.
     order = {"teacher": 0, "student": 1, "assistant": 2, "distill": 3}
     unique = {}
@@ -105,37 +121,88 @@ def plan(spec: GridSpec) -> list[PlannedRun]:
     return list(unique.values())
 
 
-def parse_assistant(text: str) -> tuple[str, float]:
-    """'resnet18@0.75' -> ('resnet18', 0.75): a TAKD assistant's model and width, relative to the
-    preset's teacher width (1.0 under paper and fast, so then it is the width itself)."""
-    name, _, width = text.partition("@")
+def _seed_runs(spec: GridSpec, seed: int, teachers: list[tuple[str, float]], students: list[tuple[str, float]],
+               make: Any) -> list[PlannedRun]:
+    """One seed's runs: its teachers, the students alone, and each method's distilled students."""
+    from kdlab.methods import METHODS
+
+    reference = spec.widths()[0]
+
+    def name(model: str, width: float) -> str:
+        return display_name(model, width, reference)
+
+    def method_cfg(student: tuple[str, float], method: str, teacher: str | None) -> Config:
+        return make(*student, seed, method=method, teacher=teacher, method_args=spec.method_args.get(method, {}))
+
+    runs, teacher_ids = [], {}
+    for t in teachers:
+        cfg = make(*t, seed)
+        teacher_ids[name(*t)] = cfg.run_hash()
+        runs.append(PlannedRun("teacher", cfg, label=f"{name(*t)} s{seed}"))
+    for s in students:
+        runs.append(PlannedRun("student", make(*s, seed), label=f"{name(*s)} s{seed}"))
+    for method in spec.methods:
+        if not METHODS[method].needs_teacher_for(method_cfg(students[0], method, "x")):
+            # Online and self distillation: no separate teacher, one run per student.
+            runs += [PlannedRun("distill", method_cfg(s, method, None), label=f"{name(*s)} {method} s{seed}")
+                     for s in students]
+            continue
+        for t, teacher_id in teacher_ids.items():
+            runs += [PlannedRun("distill", method_cfg(s, method, teacher_id), depends_on=teacher_id,
+                                label=f"{name(*s)} <- {t} {method} s{seed}") for s in students]
+    for assistant in spec.assistants:
+        a_name, relative = parse_member(assistant, 1.0)
+        runs += _takd_chain((a_name, relative * reference), seed, teacher_ids, students, make, name)
+    return runs
+
+
+def parse_member(text: str, default_width: float) -> tuple[str, float]:
+    """'resnet18@0.25' -> ('resnet18', 0.25); a bare name takes `default_width`."""
+    model, at, width = text.partition("@")
+    if not at:
+        return model, default_width
     try:
-        return name, float(width) if width else 1.0
+        value = float(width)
     except ValueError:
-        raise UserError(f"assistant {text!r}: write MODEL@WIDTH, e.g. resnet18@0.75") from None
+        value = 0.0
+    if not value > 0:
+        raise UserError(f"{text!r}: write MODEL@WIDTH with a width > 0, e.g. resnet18@0.25")
+    return model, value
 
 
-def _takd_chain(spec: GridSpec, assistant: str, seed: int, teachers: dict[str, str], make: Any,
-                student_width: float) -> list[PlannedRun]:
+def _takd_chain(assistant: tuple[str, float], seed: int, teachers: dict[str, str], students: list[tuple[str, float]],
+                make: Any, name: Any) -> list[PlannedRun]:
     """TAKD (Mirzadeh et al. 2020): teacher -> assistant -> student, each link plain KD."""
-    name, relative = parse_assistant(assistant)
-    width = relative * PRESET_WIDTHS[spec.preset][0]
     out = []
     for t, teacher_id in teachers.items():
-        a_cfg = make(name, width, seed, method="kd", teacher=teacher_id)
-        out.append(PlannedRun("assistant", a_cfg, depends_on=teacher_id, label=f"{name}@{width:g} <- {t} kd s{seed}"))
-        for s in spec.students:
-            cfg = make(s, student_width, seed, method="kd", teacher=a_cfg.run_hash())
+        a_cfg = make(*assistant, seed, method="kd", teacher=teacher_id)
+        out.append(PlannedRun("assistant", a_cfg, depends_on=teacher_id,
+                              label=f"{name(*assistant)} <- {t} kd s{seed}"))
+        for s in students:
+            cfg = make(*s, seed, method="kd", teacher=a_cfg.run_hash())
             out.append(PlannedRun("distill", cfg, depends_on=a_cfg.run_hash(),
-                                  label=f"{s}_half <- {name}@{width:g} <- {t} takd s{seed}"))
+                                  label=f"{name(*s)} <- {name(*assistant)} <- {t} takd s{seed}"))
     return out
+
+
+def _warn_small_inputs(models: list[str], image_size: Sequence[int]) -> None:
+    for model in dict.fromkeys(models):
+        note = input_size_note(model, image_size)
+        if note:
+            warn(note)
 
 
 def _check_spec(spec: GridSpec) -> None:
     from kdlab.methods import METHODS
 
+    if spec.preset not in PRESET_WIDTHS:
+        raise UserError(f"unknown preset {spec.preset!r}: choose one of {', '.join(PRESET_WIDTHS)}")
+    for flag, width in (("--teacher-width", spec.teacher_width), ("--student-width", spec.student_width)):
+        if width is not None and not width > 0:
+            raise UserError(f"{flag} must be > 0, got {width}")
     known = list_models()
-    for name in (*spec.teachers, *spec.students):
+    for member in (*spec.teachers, *spec.students):
+        name, _ = parse_member(member, 1.0)
         if name not in known:
             raise UserError(f"unknown model {name!r} in --teachers/--students: choose from {', '.join(known)}")
     if spec.seeds < 1:
@@ -147,26 +214,22 @@ def _check_spec(spec: GridSpec) -> None:
     unknown_args = set(spec.method_args) - set(spec.methods)
     if unknown_args:
         raise UserError(f"--method-arg for {sorted(unknown_args)[0]!r}, which is not in --methods")
+    teacher_width = spec.widths()[0]
     for assistant in spec.assistants:
-        name, width = parse_assistant(assistant)
+        name, relative = parse_member(assistant, 1.0)
         if name not in known:
             raise UserError(f"unknown assistant model {name!r}: choose from {', '.join(known)}")
-        if width <= 0:
-            raise UserError(f"assistant {assistant!r}: width must be > 0")
-        _warn_if_larger(name, width, spec.teachers)
-    if spec.preset not in PRESET_WIDTHS:
-        raise UserError(f"unknown preset {spec.preset!r}: choose one of {', '.join(PRESET_WIDTHS)}")
+        _warn_if_larger(name, relative * teacher_width, [parse_member(t, teacher_width) for t in spec.teachers])
 
 
-def _warn_if_larger(name: str, width: float, teachers: Sequence[str]) -> None:
+def _warn_if_larger(name: str, width: float, teachers: Sequence[tuple[str, float]]) -> None:
     """A TAKD assistant larger than its teacher is allowed (it is an experiment), but worth a word."""
     from kdlab.models import create_model, paper_params
 
     size = paper_params(create_model(name, width))
-    for t in teachers:
-        if size > paper_params(create_model(t, 1.0)):
-            print(f"kdlab: warning: assistant {name}@{width:g} ({size:,} params) is larger than teacher {t}",
-                  file=sys.stderr)
+    for t, t_width in teachers:
+        if size > paper_params(create_model(t, t_width)):
+            warn(f"assistant {name}@{width:g} ({size:,} params) is larger than teacher {t}@{t_width:g}")
 
 
 def states(runs: list[PlannedRun], store: Any | None) -> list[str]:
@@ -184,40 +247,64 @@ def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True
 
     The students of one teacher train side by side (one group, one loader, one teacher forward
     per batch for all of them). Runs whose teacher another process is still training wait for
-    it; a run another live process holds is left to it. Failed runs are not retried.
+    it; a run another live process holds is left to it. Failed runs are not retried. Only what
+    this process trained counts as trained; a run another process finished counts as skipped.
     """
     from kdlab.data import load_dataset
+    from kdlab.data.checks import check_unchanged
     from kdlab.store import Store
 
     if not runs:
         return {}
     dataset = dataset or load_dataset(runs[0].cfg.dataset, runs[0].cfg.data_dir)
+    check_unchanged(dataset, runs[0].cfg)
     store = Store(runs_dir)
     teachers: dict[str, Any] = {}
-    counts = {"trained": 0, "skipped": 0, "failed": 0}
+    counts = {"trained": 0, "skipped": 0, "failed": 0, "diverged": 0}
+    # The plan goes into the store first, with each run's role: the report then knows what was
+    # planned (and not trained yet) and what each run is for.
+    for r in runs:
+        store.ensure(r.run_id, r.cfg.to_dict(), r.label, r.role)
     pending = list(runs)
-    try:
-        while pending:
-            ready, waiting, progressed = _sort_pending(pending, store, counts, log)
-            for group in _groups(ready):
-                specs = [(r.cfg, _teacher(r, store, teachers), r.label) for r in group]
-                records = run_group(specs, store, dataset=dataset, quiet=quiet, silent=silent,
-                                    on_claim=lambda run_id, label: log(f"run {run_id[:8]} {label}"))
-                for r in group:
-                    rec = records[r.run_id]
-                    if rec is None:
-                        waiting.append(r)  # another live process has it
-                        continue
-                    progressed = True
-                    counts["trained" if rec.status == "done" else "failed"] += 1
-                    if rec.status == "failed":
-                        log(f"failed {r.label}: {rec.error}")
-            pending = waiting
-            if pending and not progressed:
-                time.sleep(POLL_S)  # another process holds what is left; wait for it
-    finally:
-        store.close()
+    with live_session(), GridProgress(len(runs), log, live=not quiet and not silent) as bar:
+        try:
+            while pending:
+                ready, waiting, progressed = _sort_pending(pending, store, counts, log)
+                bar.update(counts)
+                for group in _groups(ready):
+                    specs = [(r.cfg, _teacher(r, store, teachers), r.label) for r in group]
+                    records = run_group(specs, store, dataset=dataset, quiet=quiet, silent=silent,
+                                        on_claim=bar.started)
+                    progressed |= _count(group, records, bar.claimed, counts, waiting, log)
+                    bar.update(counts)
+                pending = waiting
+                if pending and not progressed:
+                    time.sleep(POLL_S)  # another process holds what is left; wait for it
+        finally:
+            store.close()
     return counts
+
+
+def _count(group: list[PlannedRun], records: dict[str, Any], claimed: set[str], counts: dict[str, int],
+           waiting: list[PlannedRun], log: Any) -> bool:
+    """Count a group's outcome (what another process finished is skipped, not trained); True if any ended."""
+    progressed = False
+    for r in group:
+        rec = records[r.run_id]
+        if rec is None:
+            waiting.append(r)  # another live process has it
+            continue
+        progressed = True
+        if r.run_id not in claimed:
+            counts["skipped" if rec.status == "done" else "failed"] += 1
+            continue
+        counts["trained" if rec.status == "done" else "failed"] += 1
+        if rec.status == "failed":
+            log(f"failed {r.label}: {rec.error}")
+        elif rec.diverged:
+            counts["diverged"] += 1
+            log(f"{rec.health} ({r.label}, run {r.run_id[:8]})")
+    return progressed
 
 
 def _sort_pending(pending: list[PlannedRun], store: Any, counts: dict[str, int],
@@ -271,8 +358,8 @@ def _teacher(r: PlannedRun, store: Any, cache: dict[str, Any]) -> Any:
     if r.cfg.teacher_path is None:
         raise UserError(f"teacher run {r.depends_on} has no checkpoint in {store.root}: train it again")
     if r.depends_on not in cache:
-        model, _, _ = load_teacher(r.cfg.teacher_path, store.root)
-        cache[r.depends_on] = prepare_teacher(model, r.cfg, r.depends_on)
+        cache[r.depends_on] = prepare_teacher(load_teacher(r.cfg.teacher_path, store.root).model, r.cfg,
+                                              r.depends_on)
     return cache[r.depends_on]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdlab import distributed
+from kdlab import distributed, health
 from kdlab.checkpoints import CheckpointWriter, to_host
 from kdlab.config import Config
 from kdlab.data import load_dataset
@@ -30,7 +30,7 @@ from kdlab.engine import Engine, Job, Setup, autocast_for
 from kdlab.errors import RunBusy, UserError
 from kdlab.methods import METHODS
 from kdlab.models import count_params, create_model, paper_params
-from kdlab.progress import Progress
+from kdlab.progress import MAX_LIVE_RUNS, Progress
 from kdlab.store import Heartbeat, RunRecord, Store, owner_id
 from kdlab.teacher import Teacher
 from kdlab.timing import SegmentTimer
@@ -216,7 +216,7 @@ def _train_group(jobs: list[Job], store: Store, writer: CheckpointWriter, datase
                        params=count_params(job.s.student), paper_params=paper_params(job.s.student))
         job.start_epoch, job.history, job.elapsed = _resume(store, job.run_id, job.s, job.timer)
         job.progress = Progress(job.cfg.epochs, len(train_loader), train_loader.batch_size,
-                                quiet=quiet or len(jobs) > 1, silent=silent,
+                                quiet=quiet or len(jobs) > MAX_LIVE_RUNS, silent=silent,
                                 label=f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method} {job.run_id[:8]}")
     engine = Engine(jobs, train_loader, test_loader, device, jobs[0].cfg.precision, world)
     if device.type == "cuda":
@@ -273,6 +273,8 @@ def _train_epoch(engine: Engine, jobs: list[Job], loader: DeviceLoader, group_ti
             batch = next(batches)
         alive = [j for j in jobs if j.alive]
         engine.step(alive, batch, [j.cfg.lr * lr_factor(j.cfg, epoch, step, steps) for j in alive])
+        for job in alive:
+            job.progress.tick(epoch + 1, step + 1)  # plain integers for the live line's clock: no device sync
         if (step + 1) % SYNC_EVERY == 0 or step + 1 == steps:
             for job in alive:
                 _check_finite(job, engine, store, epoch)
@@ -314,7 +316,8 @@ def _finish(job: Job, store: Store, engine: Engine, device: torch.device, group_
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     store.finish(job.run_id, {"final_acc": history[-1]["test_acc"], "best_acc": history[best]["test_acc"],
                               "best_epoch": best + 1, "wall_s": job.elapsed, "timing": timing,
-                              "peak_mem_bytes": peak})
+                              "peak_mem_bytes": peak,
+                              "health": health.assess(history, getattr(job.s.student, "num_classes", None))})
 
 
 def _resume(store: Store, run_id: str, s: Setup, timer: SegmentTimer) -> tuple[int, list[dict[str, Any]], float]:

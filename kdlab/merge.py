@@ -108,7 +108,7 @@ def _open(runs_dirs: Sequence[str | Path]) -> list[Store]:
     stores: list[Store] = []
     try:
         for d in runs_dirs:
-            stores.append(Store(d, create=False))
+            stores.append(Store(d, readonly=True))  # reading only: a read-only runs dir is fine
     except UserError:
         for s in stores:
             s.close()

@@ -79,6 +79,8 @@ def run_grid_ray(runs: list[PlannedRun], runs_dir: str | Path, address: str = "a
     Store(runs_dir).close()  # a bad runs dir fails here, in one line, as in the local grid
     writer = _start_writer(ray, runs_dir)
     store = StoreProxy(runs_dir, _forward_to(ray, writer))
+    for r in runs:  # the plan and each run's role, recorded as the local grid does (the report reads them)
+        store.ensure(r.run_id, r.cfg.to_dict(), r.label, r.role)
     counts = {"trained": 0, "skipped": 0, "failed": 0}
     tasks: dict[Any, list[PlannedRun]] = {}
     try:
@@ -211,7 +213,8 @@ def _collect(ray: Any, tasks: dict[Any, list[PlannedRun]], store: StoreProxy, co
             rec = store.get(r.run_id)
             if rec is not None and rec.status == "done":
                 counts["trained"] += 1
-                log(f"done {r.run_id[:8]} {r.label}: {rec.final_acc:.2f}%")
+                note = f", {rec.health}" if rec.diverged else ""
+                log(f"done {r.run_id[:8]} {r.label}: {rec.final_acc:.2f}%{note}")
             elif r.depends_on and _status(store, r.depends_on) != "done":
                 counts["failed"] += 1
                 log(f"skip {r.label}: its teacher run {r.depends_on} failed, so it was not run")

@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from kdlab.errors import UserError
+from kdlab.health import is_diverged
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DB_NAME = "kdlab.db"
 STALE_AFTER_S = 120.0  # a claim whose heartbeat is older than this is taken over
 HEARTBEAT_S = 15.0
@@ -44,7 +45,9 @@ CREATE TABLE IF NOT EXISTS runs (
     epochs_done INTEGER NOT NULL DEFAULT 0,
     final_acc REAL, best_acc REAL, best_epoch INTEGER,
     wall_s REAL, timing_json TEXT, device TEXT, versions_json TEXT,
-    params INTEGER, paper_params INTEGER, peak_mem_bytes INTEGER, error TEXT
+    params INTEGER, paper_params INTEGER, peak_mem_bytes INTEGER, error TEXT,
+    health TEXT,                       -- schema 2: 'ok', or 'diverged: why' (kdlab.health)
+    role TEXT                          -- schema 2: what a grid planned it as (teacher, student, ...)
 );
 CREATE TABLE IF NOT EXISTS epochs (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -78,6 +81,13 @@ class RunRecord:
     error: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: str | None = None
+    health: str | None = None  # 'ok' or 'diverged: ...'; None for runs finished before kdlab checked
+    role: str | None = None  # teacher, student, assistant or distill when a grid planned the run
+
+    @property
+    def diverged(self) -> bool:
+        """Finished, but its training fell apart (kdlab.health): its accuracy is not a result."""
+        return is_diverged(self.health)
 
     @property
     def model(self) -> str:
@@ -113,14 +123,27 @@ def _owner_is_dead(owner: str | None) -> bool:
     return False
 
 
-class Store:
-    """The runs database and checkpoints under one runs directory."""
+# Columns added after schema 1, in the order migrations add them: (name, SQL type).
+_LATER_COLUMNS = {2: [("health", "TEXT"), ("role", "TEXT")]}
 
-    def __init__(self, runs_dir: str | Path, create: bool = True):
+
+class Store:
+    """The runs database and checkpoints under one runs directory.
+
+    `readonly=True` only reads (reports, dry runs, finding a teacher): the database is opened
+    read-only, nothing is created or migrated, and the directory may be read-only.
+    """
+
+    def __init__(self, runs_dir: str | Path, create: bool = True, readonly: bool = False):
         self.root = Path(runs_dir).expanduser()
         self.path = self.root / DB_NAME
-        if not self.path.exists() and not create:
+        self.readonly = readonly
+        if not self.path.exists() and (readonly or not create):
             raise UserError(f"no kdlab runs database at {self.path}: run `kdlab train` or `kdlab grid` first")
+        if readonly:
+            self._conn = self._connect_readonly()
+            self._check_schema()
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "checkpoints").mkdir(exist_ok=True)
@@ -144,24 +167,65 @@ class Store:
         conn.row_factory = sqlite3.Row
         return conn
 
+    def _connect_readonly(self) -> sqlite3.Connection:
+        # mode=ro still needs the WAL index (-shm) beside the database, which a read-only directory
+        # cannot get: there, immutable=1 reads the file as it is (no writer can be at work in it).
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        if not os.access(self.root, os.W_OK):
+            uri += "&immutable=1"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"cannot read {self.path} ({e}): check its permissions, or use another "
+                            "--runs-dir") from None
+        conn.row_factory = sqlite3.Row
+        return conn
+
     def _check_schema(self) -> None:
         try:
-            with self.transaction() as c:
-                tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                if "meta" not in tables and tables:
-                    raise UserError(f"{self.path} is not a kdlab runs database: use another --runs-dir")
-                if not tables:
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            c.execute(statement)
-                    c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if self.readonly:
+                found = self._schema_version(self._conn, create=False)
+            else:
+                with self.transaction() as c:  # one process creates the tables; the others then see them
+                    found = self._schema_version(c, create=True)
         except sqlite3.DatabaseError as e:
             raise UserError(f"{self.path} is not a usable kdlab database ({e}): use another --runs-dir") from None
-        if row is None or row[0] != str(SCHEMA_VERSION):
-            found = row[0] if row else "none"
+        if not found.isdigit() or not 1 <= int(found) <= SCHEMA_VERSION:
             raise UserError(f"{self.path} was written by an incompatible kdlab (schema {found}, this kdlab "
-                            f"reads {SCHEMA_VERSION}): use another --runs-dir")
+                            f"reads 1 to {SCHEMA_VERSION}): use another --runs-dir")
+        if int(found) < SCHEMA_VERSION and not self.readonly:
+            self._migrate(int(found))
+
+    def _schema_version(self, c: sqlite3.Connection, create: bool) -> str:
+        tables = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "meta" not in tables and tables:
+            raise UserError(f"{self.path} is not a kdlab runs database: use another --runs-dir")
+        if not tables and create:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    c.execute(statement)
+            c.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif not tables:
+            return "none"
+        row = c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return row[0] if row else "none"
+
+    def _migrate(self, version: int) -> None:
+        """Bring an older database up to SCHEMA_VERSION by adding columns; rows keep their ids.
+
+        Runs from schema 1 have no dataset fingerprint in their config, so no run planned now has
+        their id: they stay readable, usable as teachers by id and in reports (marked as such), and
+        are never mistaken for a run on data kdlab has fingerprinted.
+        """
+        with self.transaction() as c:
+            # Another process may have migrated between our check and this transaction's lock.
+            current = int(c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+            for step in range(current + 1, SCHEMA_VERSION + 1):
+                for name, kind in _LATER_COLUMNS.get(step, []):
+                    c.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+            c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            c.execute("INSERT OR IGNORE INTO meta VALUES ('migrated_from', ?)", (str(version),))
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -215,17 +279,21 @@ class Store:
             device=row["device"], versions=json.loads(row["versions_json"] or "{}"), params=row["params"],
             paper_params=row["paper_params"], peak_mem_bytes=row["peak_mem_bytes"], error=row["error"],
             history=history, checkpoint=str(ckpt) if ckpt.exists() else None,
+            # A schema-1 database read without migrating (read-only) lacks the later columns.
+            **{name: row[name] for cols in _LATER_COLUMNS.values() for name, _ in cols if name in row.keys()}  # noqa: SIM118,
         )
 
-    def ensure(self, run_id: str, config: dict[str, Any], label: str | None = None) -> None:
-        """Record a run as pending unless it is already known."""
+    def ensure(self, run_id: str, config: dict[str, Any], label: str | None = None, role: str | None = None) -> None:
+        """Record a run as pending unless it is already known (a grid also records the role it planned)."""
         with self.transaction() as c:
             c.execute(
                 "INSERT OR IGNORE INTO runs (run_id, config_json, model, width, method, teacher, dataset, seed,"
-                " label, status, created) VALUES (?,?,?,?,?,?,?,?,?,'pending',?)",
+                " label, status, created, role) VALUES (?,?,?,?,?,?,?,?,?,'pending',?,?)",
                 (run_id, json.dumps(config, sort_keys=True), config["model"], config["width"], config["method"],
-                 config.get("teacher"), config["dataset"], config["seed"], label, time.time()),
+                 config.get("teacher"), config["dataset"], config["seed"], label, time.time(), role),
             )
+            if role is not None:
+                c.execute("UPDATE runs SET role=? WHERE run_id=? AND role IS NULL", (role, run_id))
 
     def claim(self, run_id: str, owner: str) -> str:
         """Try to take a run: returns 'claimed', 'done' (nothing to do) or 'busy' (someone alive has it)."""
@@ -281,9 +349,9 @@ class Store:
         with self.transaction() as c:
             c.execute(
                 "UPDATE runs SET status='done', owner=NULL, finished=?, final_acc=?, best_acc=?, best_epoch=?,"
-                " wall_s=?, timing_json=?, peak_mem_bytes=?, error=NULL WHERE run_id=?",
+                " wall_s=?, timing_json=?, peak_mem_bytes=?, error=NULL, health=? WHERE run_id=?",
                 (time.time(), result["final_acc"], result["best_acc"], result["best_epoch"], result["wall_s"],
-                 json.dumps(result["timing"]), result.get("peak_mem_bytes"), run_id),
+                 json.dumps(result["timing"]), result.get("peak_mem_bytes"), result.get("health"), run_id),
             )
 
     def fail(self, run_id: str, error: str) -> None:

@@ -28,3 +28,28 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny(synthetic_dir: Path) -> dict:
     """Overrides for a run that trains in about a second on a CPU."""
     return {**TINY, "data_dir": str(synthetic_dir)}
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path):
+    """A factory of small image-folder datasets: make(name, classes=2, per_class=12, size=8, seed=0).
+
+    Each class is a brightness band with noise, so a tiny model learns it in an epoch or two."""
+    import numpy as np
+    from PIL import Image
+
+    def make(name: str = "digits", classes: int = 2, per_class: int = 12, size: int = 8, seed: int = 0,
+             where: Path | None = None) -> Path:
+        root = (where or tmp_path) / name
+        rng = np.random.default_rng(seed)
+        for split, count in (("train", per_class), ("test", max(2, per_class // 3))):
+            for label in range(classes):
+                folder = root / split / f"class{label}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for i in range(count):
+                    base = int(255 * label / max(1, classes - 1))
+                    pixels = np.clip(base + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                    Image.fromarray(pixels).save(folder / f"{i}.png")
+        return root
+
+    return make

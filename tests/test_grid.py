@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -21,8 +22,8 @@ TINY_GRID = ["--preset", "smoke", "--dataset", "synthetic", "--epochs", "1", "--
              "--set", "test_limit=64", "--batch-size", "64"]
 
 
-def test_plan_is_the_paper_grid_in_dependency_order():
-    runs = plan(GridSpec(seeds=2, preset="smoke", dataset="synthetic"))
+def test_plan_is_the_paper_grid_in_dependency_order(synthetic_dir):
+    runs = plan(GridSpec(seeds=2, preset="smoke", dataset="synthetic", data_dir=str(synthetic_dir)))
     assert len(runs) == 30
     roles = [r.role for r in runs]
     assert roles == sorted(roles, key=["teacher", "student", "assistant", "distill"].index)
@@ -36,9 +37,9 @@ def test_plan_is_the_paper_grid_in_dependency_order():
     assert len(by_id) == 30  # every run distinct
 
 
-def test_plan_methods_without_teacher_and_takd_chains():
+def test_plan_methods_without_teacher_and_takd_chains(synthetic_dir):
     runs = plan(GridSpec(teachers=["resnet18"], students=["vgg16"], preset="smoke", methods=["kd", "dml"],
-                         assistants=["resnet18@0.75"]))
+                         assistants=["resnet18@0.75"], dataset="synthetic", data_dir=str(synthetic_dir)))
     labels = [r.label for r in runs]
     assert "vgg16_half dml s0" in labels and [r for r in runs if r.cfg.method == "dml"][0].cfg.teacher is None
     assistant = next(r for r in runs if r.role == "assistant")
@@ -112,7 +113,7 @@ def test_two_processes_never_run_the_same_run(tmp_path, synthetic_dir):
              for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
-    started = [{line.split()[1] for line in err.splitlines() if line.startswith("run ")} for _, err in outputs]
+    started = [set(re.findall(r"^run \d+ of \d+: (\w+)", err, re.MULTILINE)) for _, err in outputs]
     assert not started[0] & started[1]  # no run was trained by both
     assert len(started[0] | started[1]) == 5
     store = Store(runs_dir)
@@ -124,7 +125,9 @@ def test_report_formats_over_a_partial_grid(tmp_path, synthetic_dir, capsys):
     runs = plan(GridSpec(teachers=["resnet18"], students=["resnet18", "vgg16"], preset="smoke",
                          dataset="synthetic", data_dir=str(synthetic_dir),
                          overrides={"epochs": 1, "train_limit": 128, "test_limit": 64}))
-    run_grid(runs[:-1], runs_dir, silent=True, log=lambda m: None)  # the last KD run is missing
+    last = runs[-1]  # planned (a grid records its whole plan) but never trained, as if interrupted
+    Store(runs_dir).ensure(last.run_id, last.cfg.to_dict(), last.label, last.role)
+    run_grid(runs[:-1], runs_dir, silent=True, log=lambda m: None)
     for fmt in ("md", "csv", "latex"):
         assert main(["report", "--runs-dir", str(runs_dir), "--format", fmt]) == 0
         assert capsys.readouterr().out.strip()

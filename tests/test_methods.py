@@ -181,7 +181,7 @@ def test_methods_run_under_bf16_autocast_with_float32_terms() -> None:
 
 def test_dkd_warms_up_linearly() -> None:
     student, teacher_model = create_model("resnet18", TINY, CLASSES), trained_teacher("resnet18")
-    method = METHODS["dkd"](config("dkd", {"warmup": 4}), student, teacher_model)
+    method = METHODS["dkd"](config("dkd", {"warmup": 0.5}, epochs=8), student, teacher_model)  # 4 epochs
     batch, teacher = make_batch(8), Teacher(teacher_model)
     student.eval()  # the same outputs at every epoch: only the ramp changes
     nckd = []
@@ -189,6 +189,23 @@ def test_dkd_warms_up_linearly() -> None:
         method.start_epoch(epoch)
         nckd.append(float(method(student, batch, teacher)[1]["nckd"].detach()))
     assert [v / nckd[-1] for v in nckd] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0], rel=1e-5)
+
+
+def test_dkd_warm_up_scales_with_the_run() -> None:
+    student, teacher_model = create_model("resnet18", TINY, CLASSES), trained_teacher("resnet18")
+
+    def ramps(epochs: int) -> list[float]:
+        method = METHODS["dkd"](config("dkd", epochs=epochs), student, teacher_model)
+        out = []
+        for epoch in range(epochs):
+            method.start_epoch(epoch)
+            out.append(float(method.ramp))  # a buffer: the value a replayed graph reads
+        return out
+
+    paper = ramps(240)  # the authors' run: full weight from their 20th epoch
+    assert paper[18] < 1.0 and paper[19] == 1.0 and paper[0] == pytest.approx(1 / 20)
+    short = ramps(15)  # 20 epochs would be the whole run; 1/12 of it is 1.25 epochs
+    assert short[0] == pytest.approx(0.8) and short[1:] == [1.0] * 14
 
 
 def test_eskd_stops_kd_and_the_teacher_after_stop_epoch() -> None:
@@ -266,7 +283,7 @@ def test_combo_equals_weighted_parts_with_ce_counted_once() -> None:
 
 
 def test_combo_passes_part_args_and_epochs() -> None:
-    args = {"parts": {"dkd": 1.0, "rkd": 1.0}, "args": {"rkd": {"angle": 0}, "dkd": {"warmup": 2}}}
+    args = {"parts": {"dkd": 1.0, "rkd": 1.0}, "args": {"rkd": {"angle": 0}, "dkd": {"warmup": 0.25}}}
     method = METHODS["combo"](config("combo", args), create_model("resnet18", TINY, CLASSES),
                               trained_teacher("resnet18"))
     assert method.parts["rkd"].args["angle"] == 0
@@ -280,7 +297,7 @@ def test_combo_passes_part_args_and_epochs() -> None:
 @pytest.mark.parametrize(("method", "args", "message"), [
     ("dkd", {"gamma": 1.0}, "has no argument 'gamma'"),
     ("dkd", {"beta": -1.0}, "beta must be >= 0"),
-    ("dkd", {"warmup": 1.5}, "warmup must be an integer"),
+    ("dkd", {"warmup": 20}, "warmup is a fraction of the run's epochs"),
     ("fitnets", {"beta": -100}, "beta must be >= 0"),
     ("fitnets", {"kernel": 5}, "kernel must be 1 or 3"),
     ("fitnets", {"teacher_stage": "middle"}, "teacher_stage must be an integer or null"),

@@ -127,7 +127,7 @@ def test_a_failed_teacher_leaves_its_students_not_run_with_the_reason(tmp_path, 
     store = Store(runs_dir, create=False)
     assert store.get(teacher.run_id).status == "failed" and "IsADirectoryError" in store.get(teacher.run_id).error
     assert store.get(alone.run_id).status == "done"
-    assert store.get(distilled.run_id) is None  # never started
+    assert store.get(distilled.run_id).status == "pending"  # planned (recorded with its role), never started
     assert f"skip {distilled.label}: its teacher run {teacher.run_id} failed, so it was not run" in logs
 
 

@@ -174,24 +174,36 @@ def test_partial_store_marks_what_is_missing(store):
     _add(store, _config("resnet18", SW, 0), 72.0)
     for s in (0, 1):
         _add(store, _config("resnet18", SW, s, "kd", teachers[("vgg16", s)]), 72.5 + s)
+    planned = _add(store, _config("vgg16", SW, 1), 0.0, status="pending")  # a grid's planned, untrained run
     study = build_report(store).studies[0]
     cell = _cell(study, "resnet18_half", "vgg16")
     assert cell.gain.n == 1 and cell.gain.mean_diff == pytest.approx(0.5)
     kinds = {(m.kind, m.what, m.seed) for m in study.missing}
-    assert ("baseline", f"{cell.pair.replace(' <- ', ' <- ')} (kd): no finished resnet18_half (ce) run to pair "
+    assert ("baseline", f"{cell.pair} (kd): no finished resnet18_half (ce) run to pair "
             "with, so no gain for this seed", 1) in kinds
-    assert ("absent", "resnet18_half (ce, no KD)", 1) in kinds
-    assert ("absent", "vgg16_half <- densenet121 (kd)", 0) in kinds
+    assert ("unfinished", "vgg16_half (ce, no KD)", 1) in kinds
+    # Only what was planned is missing: nothing is invented from the paper's grid shape.
+    assert {m.run_id for m in study.missing if m.kind == "unfinished"} == {planned}
+    assert len(study.missing) == 2
     for fmt in ("md", "csv", "json", "latex"):
         assert render(study_report := build_report(store), fmt, compare_paper=True)
     assert "Missing or unusable runs" in render(study_report, "md")
 
 
-def test_store_with_only_students_keeps_their_roles(store):
-    _add(store, _config("vgg16", SW, 0), 70.0)
+def test_roles_and_widths_come_from_the_runs(store):
+    # A student at the smoke preset's teacher width (0.125), trained alone: not a teacher.
+    _add(store, _config("vgg16", TW, 0), 70.0)
     study = build_report(store).studies[0]
-    assert [(r.model, r.role) for r in study.table1] == [("vgg16_half", "S")]
-    assert ("absent", "vgg16 (ce, no KD)") in {(m.kind, m.what) for m in study.missing}
+    assert [(r.model, r.role) for r in study.table1] == [("vgg16@0.125", "—")]
+    assert study.teacher_width is None and study.missing == []
+    # A study of one's own widths: teachers at 0.5, students at 0.125, whatever the preset says.
+    teacher = _add(store, _config("resnet18", 0.5, 0), 85.0)
+    _add(store, _config("vgg16", TW, 0, "kd", teacher), 71.0)
+    study = build_report(store).studies[0]
+    assert study.teacher_width == 0.5
+    assert [(r.model, r.role) for r in study.table1] == [("vgg16@0.125", "S"), ("resnet18", "T")]
+    assert _cell(study, "vgg16@0.125", "resnet18").gain.mean_diff == pytest.approx(1.0)
+    assert "Teacher width 0.5" in render(build_report(store), "md")
 
 
 def test_empty_store(store):
@@ -252,12 +264,7 @@ def test_method_variants_are_compared_with_plain_kd(store):
     variant = _cell(study, "vgg16_half", "resnet18", "kd(T=4)")
     assert variant.gain_vs_kd.mean_diff == pytest.approx(0.2) and variant.gain_vs_kd.std_diff == pytest.approx(0.1)
     assert "### Methods by pair" in render(report, "md")
-    # An ablation run on one pair expects its other seeds there, not the whole grid.
     assert study.missing == []
-    _add(store, _config("vgg16", SW, 3, "kd", teachers[("resnet18", 0)], temperature=4.0), 70.0)
-    absent = {(m.what, m.seed) for m in build_report(store).studies[0].missing if m.kind == "absent"}
-    assert ("vgg16_half <- resnet18 (kd(T=4))", 3) not in absent
-    assert ("vgg16_half <- vgg16 (kd)", 3) in absent and ("vgg16_half <- vgg16 (kd(T=4))", 3) not in absent
 
 
 def test_changed_recipe_is_a_separate_study(store):
@@ -285,7 +292,8 @@ def test_teacherless_method_is_compared_with_the_student_alone(store):
     _add(store, online, 73.1, run_id="dml1")
     report = build_report(store)
     cell = report.studies[0].cells[0]
-    assert (cell.student, cell.teacher, cell.method, cell.online) == ("resnet18_half", None, "dml", True)
+    # No run is a teacher, so no width is "the teacher width": names carry the width itself.
+    assert (cell.student, cell.teacher, cell.method, cell.online) == ("resnet18@0.0625", None, "dml", True)
     assert cell.gain.mean_diff == pytest.approx(0.6) and cell.compression is None
     md = render(report, "md")
     assert "### Methods by pair" in md and "| dml | Gain vs alone |" in md
@@ -313,7 +321,7 @@ def test_duplicates_and_unknown_teachers_are_reported(store):
     assert any(m.kind == "duplicate" and m.run_id == old for m in study.missing)
     cell = study.cells[0]
     assert cell.teacher == "run:01234567" and cell.gain.mean_diff == pytest.approx(0.5)
-    assert any(m.kind == "teacher" and m.what == "vgg16_half <- run:01234567 (kd)" for m in study.missing)
+    assert any(m.kind == "teacher" and m.what == "vgg16@0.0625 <- run:01234567 (kd)" for m in study.missing)
 
 
 def test_display_names():
@@ -408,3 +416,25 @@ def test_plots_skip_when_there_is_nothing_to_draw(store, tmp_path):
     _add(store, _config("vgg16", TW, 0), 80.0)  # a teacher alone: bars and curves, no gain plot
     names = sorted(p.name for p in draw_all(build_report(store), tmp_path / "plots"))
     assert names == ["synthetic-smoke_acc_time_bars.png", "synthetic-smoke_curves.png"]
+
+
+def test_report_describes_the_data_and_keeps_intervals_in_range(store):
+    import dataclasses
+
+    from kdlab.plots import acc_time_bars
+
+    info = {"name": "digits", "image_size": [8, 8], "classes": 10, "train": 1437, "test": 360}
+    for seed, acc in ((0, 99.6), (1, 92.0)):  # two seeds far apart: the t-interval reaches past 100
+        cfg = dataclasses.replace(_config("resnet18", TW, seed), data_fingerprint="3f2a9c0d1e2b4a5c", data_info=info)
+        _add(store, cfg, acc)
+    report = build_report(store)
+    row = report.studies[0].table1[0]
+    assert row.acc.ci_high == 100.0 and 0.0 < row.acc.ci_low < row.acc.mean
+    md = render(report, "md", compare_paper=True)
+    assert "Data: digits (8x8 px, 10 classes, 1,437 train / 360 test images, fingerprint 3f2a9c0d)" in md
+    assert "JPEG copy" not in md and "100.00]" in md
+    assert report.studies[0].dataset == "digits" and build_report(store, dataset="3f2a9c0d").studies
+    fig = acc_time_bars(report.studies[0])
+    acc_axis, time_axis = fig.axes[:2]
+    assert acc_axis.get_ylim()[0] == 0.0 and "axis from 0" in acc_axis.get_ylabel()
+    assert time_axis.get_ylabel() == "wall time (s)"  # 100-second runs read in seconds, not minutes

@@ -30,9 +30,11 @@ from kdlab.data.datasets import (
     Dataset,
     Split,
     atomic_write,
+    decoded,
     ensure_dir,
     file_signature,
     read_cache,
+    read_cached_identity,
     write_cache,
 )
 from kdlab.errors import UserError
@@ -101,10 +103,20 @@ def load_cifar(key: str, data_dir: Path, download: bool = True, name: str | None
     signature = file_signature(paths, root)
     cached = read_cache(root / CACHE_NAME, signature)
     if cached is None:
-        cached = _read_layout(layout, root, remedy)
-        write_cache(root / CACHE_NAME, *cached, signature)
-    train, test, classes = cached
-    return Dataset(name or key, train, test, classes)
+        cached = decoded(*_read_layout(layout, root, remedy))
+        write_cache(root / CACHE_NAME, cached, signature)
+    return Dataset(name or key, cached.train, cached.test, cached.classes, cached.fingerprint)
+
+
+def cached_identity(key: str, data_dir: Path) -> tuple[str, dict] | None:
+    """The fingerprint and facts of ``cifar10``/``cifar100`` in ``data_dir`` from a current cache
+    (nothing decoded); None when the files or the cache are missing or stale."""
+    layout = LAYOUTS[key]
+    root = data_dir / layout.folder
+    paths = [root / f for f in layout.file_names()]
+    if not all(p.is_file() for p in paths):
+        return None
+    return read_cached_identity(root / CACHE_NAME, file_signature(paths, root))
 
 
 def _existing_files(layout: Layout, root: Path, remedy: str) -> list[Path]:

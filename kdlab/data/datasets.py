@@ -1,18 +1,24 @@
 """Dataset containers, the data directory and the one entry point that loads a dataset by name.
 
 Every dataset is held as uint8 HWC images and int64 labels in numpy arrays; turning them into
-tensors (and moving them to the GPU) is the loader's job, not this layer's.
+tensors (and moving them to the GPU) is the loader's job, not this layer's. A dataset's
+*fingerprint* is a hash of that content (`fingerprint_arrays`): what a run was trained on, whatever
+the folder is called or where it lies. It is computed once, when the files are decoded, and kept
+in the dataset's cache beside the arrays.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -21,7 +27,8 @@ from kdlab.errors import UserError
 BUILTIN_NAMES = ("cifar10", "cifar100", "synthetic")
 
 # Bumped whenever the cache layout changes, so that old caches are rebuilt instead of misread.
-CACHE_VERSION = 1
+# 2: the content's fingerprint and facts (image size, counts) are kept beside the arrays.
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,12 @@ class Dataset:
     train: Split
     test: Split
     classes: list[str]
+    known_fingerprint: str = field(default="", repr=False)  # from the cache, when the loader had it
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hash of the images, labels and class names of both splits (see `fingerprint_arrays`)."""
+        return self.known_fingerprint or fingerprint_arrays(self.train, self.test, self.classes)
 
     def __post_init__(self) -> None:
         if self.train.images.shape[1:] != self.test.images.shape[1:]:
@@ -80,6 +93,23 @@ def default_data_dir() -> Path:
     return Path.home() / ".cache" / "kdlab" / "data"
 
 
+def _locate(name: str, data_dir: Path | str | None) -> tuple[str, Path]:
+    """('cifar10' | 'cifar100' | 'synthetic' | 'folder', where its files are) for a dataset name."""
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    key = name.strip().lower()
+    if key in ("cifar10", "cifar100"):
+        return key, root
+    if key == "synthetic":
+        return key, root / "synthetic"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return "folder", path
+    if os.sep in name or "/" in name or name.startswith((".", "~")):
+        raise UserError(f"dataset folder {path} does not exist")
+    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(BUILTIN_NAMES)}, "
+                    "or give the path to a folder with train/<class>/ and test/<class>/ images")
+
+
 def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = True) -> Dataset:
     """Load ``cifar10``, ``cifar100``, ``synthetic`` or a folder of images by path.
 
@@ -91,19 +121,41 @@ def load_dataset(name: str, data_dir: Path | str | None = None, download: bool =
     # Imported here because these modules import Split and Dataset from this one.
     from kdlab.data import cifar, folder, synthetic
 
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    key = name.strip().lower()
-    if key in ("cifar10", "cifar100"):
-        return cifar.load_cifar(key, root, download=download)
-    if key == "synthetic":
-        return synthetic.load_synthetic(root / "synthetic")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return folder.load_folder(path)
-    if os.sep in name or "/" in name or name.startswith((".", "~")):
-        raise UserError(f"dataset folder {path} does not exist")
-    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(BUILTIN_NAMES)}, "
-                    "or give the path to a folder with train/<class>/ and test/<class>/ images")
+    kind, where = _locate(name, data_dir)
+    if kind == "synthetic":
+        return synthetic.load_synthetic(where)
+    if kind == "folder":
+        return folder.load_folder(where)
+    return cifar.load_cifar(kind, where, download=download)
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a run is trained on: where (`location`), what (`fingerprint`), and a description (`info`)."""
+
+    location: str  # a built-in dataset's name, or a folder's absolute path: where, not what
+    fingerprint: str  # `fingerprint_arrays` of the content: what the run's identity covers
+    info: dict[str, Any]  # name (for people), image_size [h, w], classes, train and test image counts
+
+
+def identify_dataset(name: str, data_dir: Path | str | None = None) -> DataIdentity:
+    """The dataset's identity: read from its cache when its files are unchanged (no decoding),
+    otherwise by loading it once, which decodes (or downloads) it and writes that cache."""
+    from kdlab.data import cifar, folder, synthetic
+
+    kind, where = _locate(name, data_dir)
+    if kind == "folder":
+        where = where.resolve()
+        location, display, found = str(where), where.name, folder.cached_identity(where)
+    elif kind == "synthetic":
+        location, display, found = kind, kind, synthetic.cached_identity(where)
+    else:
+        location, display, found = kind, kind, cifar.cached_identity(kind, where)
+    if found is None:
+        dataset = load_dataset(name, data_dir)
+        found = dataset.fingerprint, content_facts(dataset.train, dataset.test, dataset.classes)
+    fingerprint, facts = found
+    return DataIdentity(location, fingerprint, {"name": display, **facts})
 
 
 def ensure_dir(path: Path) -> None:
@@ -125,38 +177,87 @@ def file_signature(paths: list[Path], base: Path) -> tuple[np.ndarray, np.ndarra
     return names, stats
 
 
-def read_cache(path: Path, signature: tuple[np.ndarray, np.ndarray]) -> tuple[Split, Split, list[str]] | None:
-    """Return the cached splits and classes, or None if the cache is missing, stale or unreadable."""
+def fingerprint_arrays(train: Split, test: Split, classes: list[str]) -> str:
+    """A 16-hex-digit SHA-256 of the content: both splits' images and labels (with their shapes)
+    and the class names. Equal for the same images anywhere; different if one pixel or label differs."""
+    digest = hashlib.sha256()
+    for array in (train.images, train.labels, test.images, test.labels):
+        digest.update(f"{array.dtype.str}{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    digest.update(json.dumps(list(classes)).encode())
+    return digest.hexdigest()[:16]
+
+
+def content_facts(train: Split, test: Split, classes: list[str]) -> dict[str, Any]:
+    """What a report says about the data: image size (height, width), class count, split sizes."""
+    return {"image_size": list(train.images.shape[1:3]), "classes": len(classes), "train": len(train),
+            "test": len(test)}
+
+
+@dataclass(frozen=True)
+class Cached:
+    """What a dataset's cache holds: the splits, class names, fingerprint and facts of its files."""
+
+    train: Split
+    test: Split
+    classes: list[str]
+    fingerprint: str
+
+
+@contextmanager
+def _current_cache(path: Path, signature: tuple[np.ndarray, np.ndarray]) -> Iterator[Any]:
+    """The cache's npz while it is current for these files (else None); members load only when read."""
+    # Open the file ourselves: np.load leaks its handle when the zip is damaged.
+    with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
+        names, stats = signature
+        current = (int(npz["version"]) == CACHE_VERSION and np.array_equal(npz["sig_names"], names)
+                   and np.array_equal(npz["sig_stats"], stats))
+        yield npz if current else None
+
+
+def read_cache(path: Path, signature: tuple[np.ndarray, np.ndarray]) -> Cached | None:
+    """Return the cached content, or None if the cache is missing, stale or unreadable."""
     try:
-        # Open the file ourselves: np.load leaks its handle when the zip is damaged.
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
-            if int(npz["version"]) != CACHE_VERSION:
-                return None
-            names, stats = signature
-            if not (np.array_equal(npz["sig_names"], names) and np.array_equal(npz["sig_stats"], stats)):
+        with _current_cache(path, signature) as npz:
+            if npz is None:
                 return None
             train = Split(npz["train_images"], npz["train_labels"])
             test = Split(npz["test_images"], npz["test_labels"])
-            classes = [str(c) for c in npz["classes"]]
+            return Cached(train, test, [str(c) for c in npz["classes"]], str(npz["fingerprint"]))
     except Exception:
         # Any failure (truncated zip, missing key, wrong dtype...) just means: rebuild from the source.
         return None
-    return train, test, classes
 
 
-def write_cache(path: Path, train: Split, test: Split, classes: list[str],
-                signature: tuple[np.ndarray, np.ndarray]) -> None:
+def read_cached_identity(path: Path, signature: tuple[np.ndarray, np.ndarray]) -> tuple[str, dict[str, Any]] | None:
+    """The fingerprint and facts of a current cache, without reading its arrays; None if there is none."""
+    try:
+        with _current_cache(path, signature) as npz:
+            return None if npz is None else (str(npz["fingerprint"]), json.loads(str(npz["facts"])))
+    except Exception:
+        return None
+
+
+def write_cache(path: Path, content: Cached, signature: tuple[np.ndarray, np.ndarray]) -> None:
     """Write the cache atomically; a read-only folder or a full disk just means no cache."""
     names, stats = signature
+    train, test = content.train, content.test
+    facts = content_facts(train, test, content.classes)
     try:
         with atomic_write(path) as f:
             # Uncompressed on purpose: loading 180 MB of raw uint8 is faster than inflating it.
             np.savez(f, version=np.int64(CACHE_VERSION), sig_names=names, sig_stats=stats,
                      train_images=train.images, train_labels=train.labels,
                      test_images=test.images, test_labels=test.labels,
-                     classes=np.array(classes, dtype=str))
+                     classes=np.array(content.classes, dtype=str), fingerprint=np.array(content.fingerprint),
+                     facts=np.array(json.dumps(facts)))
     except OSError:
         pass  # the cache only saves time
+
+
+def decoded(train: Split, test: Split, classes: list[str]) -> Cached:
+    """Freshly decoded content, fingerprinted (the one time its bytes are hashed)."""
+    return Cached(train, test, classes, fingerprint_arrays(train, test, classes))
 
 
 @contextmanager

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kdlab.data.datasets import Dataset, Split, file_signature, read_cache, write_cache
+from kdlab.data.datasets import (
+    Dataset,
+    Split,
+    decoded,
+    file_signature,
+    read_cache,
+    read_cached_identity,
+    write_cache,
+)
 from kdlab.errors import UserError
 
 CACHE_NAME = ".kdlab-cache.npz"
@@ -24,23 +32,32 @@ def load_folder(root: Path) -> Dataset:
     """Load the image folder ``root`` as a dataset named after the folder; classes are the sorted
     names of the subfolders of ``train/``, and ``test/`` must have the same ones."""
     root = Path(root).expanduser()
+    classes, (train_files, train_labels), (test_files, test_labels) = _listing(root)
+    signature = file_signature(train_files + test_files, root)
+    cached = read_cache(root / CACHE_NAME, signature)
+    if cached is None or cached.classes != classes:
+        images = _decode(train_files + test_files)
+        n = len(train_files)
+        cached = decoded(Split(images[:n], train_labels), Split(images[n:], test_labels), classes)
+        write_cache(root / CACHE_NAME, cached, signature)
+    return Dataset(root.resolve().name, cached.train, cached.test, classes, cached.fingerprint)
+
+
+def cached_identity(root: Path) -> tuple[str, dict] | None:
+    """The folder's fingerprint and facts from its cache when no file changed (nothing decoded)."""
+    _, (train_files, _), (test_files, _) = _listing(root)
+    return read_cached_identity(root / CACHE_NAME, file_signature(train_files + test_files, root))
+
+
+def _listing(root: Path) -> tuple[list[str], tuple[list[Path], np.ndarray], tuple[list[Path], np.ndarray]]:
+    """Class names and each split's image files and labels, in a fixed order; layout problems are errors."""
     train_dir, test_dir = root / "train", root / "test"
     for split_dir in (train_dir, test_dir):
         if not split_dir.is_dir():
             raise UserError(f"{root} has no {split_dir.name}/ folder; {_LAYOUT_HINT}")
     classes = _class_names(train_dir, test_dir)
-    train_files, train_labels = _image_files(train_dir, classes, every_class=True)
-    test_files, test_labels = _image_files(test_dir, classes, every_class=False)
-
-    signature = file_signature(train_files + test_files, root)
-    cached = read_cache(root / CACHE_NAME, signature)
-    if cached is None or cached[2] != classes:
-        images = _decode(train_files + test_files)
-        n = len(train_files)
-        cached = (Split(images[:n], train_labels), Split(images[n:], test_labels), classes)
-        write_cache(root / CACHE_NAME, *cached, signature)
-    train, test, _ = cached
-    return Dataset(root.resolve().name, train, test, classes)
+    return (classes, _image_files(train_dir, classes, every_class=True),
+            _image_files(test_dir, classes, every_class=False))
 
 
 def _subfolders(path: Path) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kdlab.data.cifar import LAYOUTS, load_cifar, safe_load_pickle
+from kdlab.data.cifar import cached_identity as cifar_identity
 from kdlab.data.datasets import Dataset, atomic_write, ensure_dir
 from kdlab.errors import UserError
 
@@ -78,6 +79,11 @@ def load_synthetic(root: Path) -> Dataset:
         write_synthetic_cifar(root)
     return load_cifar("cifar10", root, download=False, name="synthetic",
                       remedy=f"delete {folder} and run again to regenerate it")
+
+
+def cached_identity(root: Path) -> tuple[str, dict] | None:
+    """The synthetic set's fingerprint and facts from its cache, if a current copy is under ``root``."""
+    return cifar_identity("cifar10", root) if _is_current(root / LAYOUTS["cifar10"].folder) else None
 
 
 def _is_current(folder: Path) -> bool:

@@ -84,7 +84,7 @@ def deployment_over(runs_dirs: Sequence[str | Path], dataset: str | None = None,
     groups: dict[str, list[Row]] = defaultdict(list)
     seen: set[str] = set()
     for runs_dir in runs_dirs:
-        store = Store(runs_dir, create=False)
+        store = Store(runs_dir, readonly=True)
         try:
             table = build_deployment(store, dataset, preset)
         finally:
@@ -104,12 +104,13 @@ def kind_rank(kind: str) -> float:
 
 
 def _row(root: Path, r: RunRecord, by_id: dict[str, RunRecord], referenced: set[str]) -> Row:
-    from kdlab.report import display_name, study_teacher_width
+    from kdlab.models.registry import display_name
+    from kdlab.report.naming import study_teacher_width
 
     chain = lineage(r, by_id)
     origin = chain[-1]
     cfg = origin.config
-    tw = study_teacher_width(str(cfg.get("preset")), [float(cfg["width"])])
+    tw = study_teacher_width([origin], by_id)  # the width of the origin's teacher, or its own as a teacher
     name = display_name(str(cfg["model"]), float(cfg["width"]), tw)
     if cfg.get("teacher"):
         teacher = by_id.get(str(cfg["teacher"]).partition("@")[0])
@@ -118,7 +119,7 @@ def _row(root: Path, r: RunRecord, by_id: dict[str, RunRecord], referenced: set[
     pruned = next((c.config["model_args"] for c in chain if str(c.config.get("model", "")).startswith("pruned:")),
                   None)
     int8 = bool(r.config["deploy"].get("quantize"))
-    is_teacher = cfg.get("method") == "ce" and (origin.run_id in referenced or float(cfg["width"]) >= tw)
+    is_teacher = cfg.get("method") == "ce" and (origin.run_id in referenced or origin.role == "teacher")
     kind = ("teacher" if is_teacher else "student") if pruned is None else f"pruned {pruned['ratio']:g}"
     if int8:
         kind = "int8" if pruned is None else f"{kind} + int8"

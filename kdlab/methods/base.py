@@ -42,12 +42,22 @@ class Method(nn.Module):
     uses_features: ClassVar[bool] = False  # needs stage features, not only logits
     defaults: ClassVar[dict[str, Any]] = {}
     paper: ClassVar[str] = ""
+    setting: ClassVar[str] = ""  # the paper's setting its defaults were tuned in (dataset, lr, batch...)
+    notes: ClassVar[str] = ""  # how the loss differs from the paper's or the reference code's, if it does
+    # Bumped when a change of the method's formula or defaults changes what a run computes.
+    version: ClassVar[int] = 1
 
     def __init__(self, cfg: Config, student: nn.Module, teacher: nn.Module | None):
         super().__init__()
         self.cfg = cfg
         self.args = {**self.defaults, **cfg.method_args}
         self.epoch = 0
+
+    @classmethod
+    def versions(cls, cfg: Config) -> dict[str, int]:
+        """{name: version} for the run's identity once the method has changed (nothing at version 1),
+        so a run stored before the change is never returned for the new behaviour."""
+        return {cls.name: cls.version} if cls.version > 1 else {}
 
     @classmethod
     def needs_teacher_for(cls, cfg: Config) -> bool:

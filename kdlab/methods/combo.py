@@ -41,6 +41,7 @@ class Combination(Method):
     needs_teacher = False  # it needs one if a part does: checked per part in check_config
     defaults = {"parts": {}, "args": {}, "ce_once": True}
     paper = "weighted combination of registered methods (no paper)"
+    setting = "each part keeps its own defaults and their setting (see that method)"
 
     @classmethod
     def needs_teacher_for(cls, cfg):
@@ -48,6 +49,16 @@ class Combination(Method):
         if not isinstance(parts, dict):
             return False  # check_config reports the malformed parts
         return any(name in METHODS and name != cls.name and METHODS[name].needs_teacher_for(cfg) for name in parts)
+
+    @classmethod
+    def versions(cls, cfg):
+        out = super().versions(cfg)
+        parts, args = cfg.method_args.get("parts"), cfg.method_args.get("args") or {}
+        if isinstance(parts, dict) and isinstance(args, dict):  # else check_config reports them
+            for name in sorted(parts):
+                if name in METHODS and name != cls.name:
+                    out.update(METHODS[name].versions(_part_config(cfg, name, args)))
+        return out
 
     @classmethod
     def check_config(cls, cfg):

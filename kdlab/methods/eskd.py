@@ -27,6 +27,8 @@ class EarlyStoppedKD(Method):
     needs_teacher = True
     defaults = {"stop_epoch": 0}
     paper = "Cho & Hariharan 2019, ICCV, arXiv:1910.01348"
+    setting = ("stop_epoch 0 stops KD at half the run, whatever its length; the paper tuned its stop for its own "
+               "schedules, so set it for yours")
 
     @classmethod
     def check_config(cls, cfg):

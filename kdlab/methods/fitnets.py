@@ -34,6 +34,8 @@ class FitNets(Method):
     defaults = {"teacher_stage": None, "student_stage": None, "kernel": 3,
                 "beta": 100.0, "ce": 1.0, "kd": 0.0}
     paper = "Romero et al. 2015, ICLR, arXiv:1412.6550"
+    setting = ("beta=100 is the CRD benchmark's (RepDistiller, mdistiller) on CIFAR-100: 240 epochs, batch 64, "
+               "SGD lr 0.05 (x0.1 at 150, 180, 210), weight decay 5e-4")
 
     @classmethod
     def check_config(cls, cfg):

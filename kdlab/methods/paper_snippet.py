@@ -20,6 +20,7 @@ class PaperSnippet(Method):
     name = "paper_snippet"
     needs_teacher = True
     paper = "ablation: the code of the paper's Figure 4 (not its equation (2))"
+    setting = "as kd: T and alpha are the run's settings"
 
     def forward(self, student, batch, teacher):
         t_logits = teacher.logits(batch)

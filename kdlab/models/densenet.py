@@ -46,7 +46,9 @@ def _transition(cin: int, cout: int) -> nn.Sequential:
         nn.BatchNorm2d(cin),
         nn.ReLU(inplace=True),
         nn.Conv2d(cin, cout, 1, bias=False),
-        nn.AvgPool2d(2, 2),
+        # ceil_mode: a 1x1 map stays 1x1 (the paper's stem leaves 2x2 of an 8x8 image), and odd sizes
+        # keep their last row and column; on the even sizes of a 32x32 image it is the plain 2x2 pool.
+        nn.AvgPool2d(2, 2, ceil_mode=True),
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from typing import Any
 
@@ -25,6 +25,7 @@ ModelFn = Callable[..., StagedModel]
 
 _MODELS: dict[str, ModelFn] = {}
 _FAMILIES: dict[str, str] = {}
+_INPUT_SIZES: dict[str, int] = {}  # the image side each registered model was designed for
 
 
 class ModelSource:
@@ -66,11 +67,13 @@ def _source(name: str) -> tuple[ModelSource, str] | None:
     return _SOURCES[prefix], rest
 
 
-def register_model(name: str, family: str | None = None) -> Callable[[ModelFn], ModelFn]:
+def register_model(name: str, family: str | None = None, input_size: int = 32) -> Callable[[ModelFn], ModelFn]:
     """Register a constructor ``fn(width: float = 1.0, num_classes: int = 10) -> StagedModel``.
 
     ``family`` defaults to the defining module's last name component (``kdlab.models.vgg`` -> "vgg").
-    The returned constructor sets ``model.name``, so direct calls give named models too.
+    ``input_size`` is the image side the architecture was designed for (CIFAR's 32 for the zoo);
+    smaller images still run, with a warning. The returned constructor sets ``model.name``, so
+    direct calls give named models too.
     """
 
     def decorate(fn: ModelFn) -> ModelFn:
@@ -85,6 +88,7 @@ def register_model(name: str, family: str | None = None) -> Callable[[ModelFn], 
 
         _MODELS[name] = build
         _FAMILIES[name] = family or fn.__module__.rsplit(".", 1)[-1]
+        _INPUT_SIZES[name] = input_size
         return build
 
     return decorate
@@ -141,6 +145,33 @@ def model_family(name: str) -> str:
         return found[0].prefix
     _check_name(name)
     return _FAMILIES[name]
+
+
+def display_name(model: str, width: float, reference_width: float | None) -> str:
+    """The paper's names: `model` at the reference (teacher) width, `model_half` at half of it, else
+    (or without a reference) `model@width`."""
+    if reference_width is None:
+        return f"{model}@{width:g}"
+    if math.isclose(width, reference_width):
+        return model
+    if math.isclose(width, reference_width / 2):
+        return f"{model}_half"
+    return f"{model}@{width:g}"
+
+
+def input_size_note(name: str, image_size: Sequence[int]) -> str | None:
+    """One line to say when images are smaller than the model was designed for, else None.
+
+    Every zoo model runs on images from 8x8 up (pooling that would go below 1x1 stays at 1x1), but
+    on small images its later stages see 1x1 maps, so it is not the network it is at its design size.
+    """
+    designed = _INPUT_SIZES.get(name)
+    height, width = image_size
+    if designed is None or min(height, width) >= designed:
+        return None
+    return (f"{name} was designed for {designed}x{designed} images and these are {height}x{width}: it trains, "
+            f"but its later stages see 1x1 maps, so it is not the model it is at {designed}x{designed} "
+            f"(upscale the images to {designed}x{designed} to compare with it there)")
 
 
 def count_params(model: nn.Module) -> int:

@@ -23,7 +23,9 @@ def _vgg(cfg: list[list[int]], hidden: int, width: float, num_classes: int) -> S
             # count_params, not in paper_params.
             layers += list(conv_bn_relu(cin, cout, bias=True))
             cin = cout
-        layers.append(nn.MaxPool2d(2, 2))
+        # ceil_mode: a 1x1 map stays 1x1 instead of vanishing, so images from 8x8 up pass all five
+        # pools; on even sizes (32 -> 16 -> ... -> 1) it is the plain 2x2 pool.
+        layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
         stages.append(nn.Sequential(*layers))
         channels.append(cin)
     h = scaled(hidden, width)
