@@ -63,18 +63,23 @@ class Deployment:
 
 def build_deployment(store: Store, dataset: str | None = None, preset: str | None = None) -> Deployment:
     """Read every finished ONNX run of the store (of one dataset and/or preset if given) into rows."""
+    from kdlab.report.naming import study_teacher_width
+
     runs = store.runs()
     by_id = {r.run_id: r for r in runs}
     referenced = {str(r.config.get("teacher")) for r in runs}
-    groups: dict[str, list[Row]] = defaultdict(list)
+    served: dict[str, list[RunRecord]] = defaultdict(list)
     for r in runs:
         if ("deploy" in r.config and r.status == "done" and r.final_acc is not None
                 and dataset in (None, r.config.get("dataset")) and preset in (None, r.config.get("preset"))):
-            key = f"{r.config.get('dataset')} / {r.config.get('preset')}"
-            groups[key].append(_row(store.root, r, by_id, referenced))
-    for rows in groups.values():
-        rows.sort(key=lambda row: (row.model, kind_rank(row.kind), row.precision))
-    return Deployment(dict(sorted(groups.items())))
+            served[f"{r.config.get('dataset')} / {r.config.get('preset')}"].append(r)
+    groups = {}
+    for key, members in sorted(served.items()):
+        # Names as the report gives them: relative to the width of the group's teachers.
+        tw = study_teacher_width([lineage(r, by_id)[-1] for r in members], by_id)
+        rows = [_row(store.root, r, by_id, referenced, tw) for r in members]
+        groups[key] = sorted(rows, key=lambda row: (row.model, kind_rank(row.kind), row.precision))
+    return Deployment(groups)
 
 
 def deployment_over(runs_dirs: Sequence[str | Path], dataset: str | None = None,
@@ -99,18 +104,16 @@ def deployment_over(runs_dirs: Sequence[str | Path], dataset: str | None = None,
 
 def kind_rank(kind: str) -> float:
     """teacher, student, int8, pruned, pruned + int8; a QAT variant just after its kind."""
-    base = 0 if kind == "teacher" else 1 if kind == "student" else 2 if kind.startswith("int8") else 3
+    base = next((i for i, k in enumerate(("teacher", "student", "int8")) if kind.startswith(k)), 3)
     return base + ("+ int8" in kind) + 0.5 * ("(qat)" in kind)
 
 
-def _row(root: Path, r: RunRecord, by_id: dict[str, RunRecord], referenced: set[str]) -> Row:
+def _row(root: Path, r: RunRecord, by_id: dict[str, RunRecord], referenced: set[str], tw: float | None) -> Row:
     from kdlab.models.registry import display_name
-    from kdlab.report.naming import study_teacher_width
 
     chain = lineage(r, by_id)
     origin = chain[-1]
     cfg = origin.config
-    tw = study_teacher_width([origin], by_id)  # the width of the origin's teacher, or its own as a teacher
     name = display_name(str(cfg["model"]), float(cfg["width"]), tw)
     if cfg.get("teacher"):
         teacher = by_id.get(str(cfg["teacher"]).partition("@")[0])
