@@ -7,11 +7,11 @@ layout, with kdlab's `--preset fast` recipe: batch size, epochs, SGD (Nesterov, 
 one-cycle schedule stepped per batch, T and alpha, random crop (4-pixel pad) + flip, bf16 autocast,
 channels_last. Both sides train kdlab's own model definitions on the same images.
 
-* torchdistill: its documented pipeline, the YAML config `torchdistill_kd.yaml` (filled from kdlab's
-  preset) read by its `yaml_util`, its model registry, its `DistillationBox` driven by the epoch loop of
-  its `examples/torchvision/image_classification.py` (pre_epoch_process, forward_process,
-  post_forward_process per batch, evaluation, checkpoint when the accuracy improves, post_epoch_process),
-  with its DataLoader (workers, pinned memory) and torchvision's per-image transforms.
+* torchdistill (`torchdistill_run.py`): its documented pipeline, the YAML config `torchdistill_kd.yaml`
+  (filled from kdlab's preset) read by its `yaml_util`, kdlab's models in its model registry
+  (`torchdistill_kdlab.py`), its `DistillationBox` driven by the epoch loop of its example
+  `examples/torchvision/image_classification.py`, its DataLoader (workers, pinned memory) and
+  torchvision's per-image transforms.
 * kdlab: `kdlab.distill(...)` with the preset, in a fresh runs directory.
 
 Each side (and the teacher) runs in a fresh process. Measured per side: wall time (from reading the
@@ -36,7 +36,6 @@ import importlib.util
 import json
 import os
 import shutil
-import string
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-TEMPLATE = HERE / "torchdistill_kd.yaml"
 SIDES = ("torchdistill", "kdlab")
 
 # What the torchdistill side cannot share with kdlab's engine, stored with every result.
@@ -63,6 +61,7 @@ NOT_IDENTICAL = [
     "optimiser: torch.optim.SGD with torch's default implementation (foreach) on torchdistill, fused on kdlab",
     "teacher mode: put in eval mode once by this script (torchdistill's default pre-epoch process leaves the "
     "teacher's mode alone, so its example would run the teacher's BatchNorm in training mode); kdlab: eval mode",
+    "DataLoader workers persist across epochs (its samples restart them every epoch: --no-persistent-workers)",
     "no DataParallel wrapper on one device (its samples name one; on one GPU it only adds a scatter per batch)",
     "the example's per-step logging (loss.item(), a host-device wait every step) is left out: it would only "
     "slow torchdistill down; its final test pass (best checkpoint, batch size 1) is replaced by the last "
@@ -98,193 +97,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- the recipe, shared by every process -------------------------------------------------------------
 
 
-def recipe(args: argparse.Namespace, role: str = "student"):
-    """The kdlab Config of the student (or teacher) run; both sides read the recipe from it."""
+def recipe(args: argparse.Namespace, role: str = "student") -> tuple[Any, dict[str, Any], list[float]]:
+    """The resolved kdlab Config of the student (or teacher) run, the overrides it came from (what kdlab's
+    API is given) and the teacher and student widths. The torchdistill side reads its recipe from the Config."""
     from kdlab.api import resolve_config
     from kdlab.cli import _pairs
     from kdlab.config import PRESET_WIDTHS
 
-    widths = [float(w) for w in args.widths.split(",")] if args.widths else PRESET_WIDTHS[args.preset]
+    widths = [float(w) for w in args.widths.split(",")] if args.widths else list(PRESET_WIDTHS[args.preset])
     epochs = args.teacher_epochs if role == "teacher" and args.teacher_epochs else args.epochs
     overrides = {**_pairs(args.set, "--set"), "dataset": "cifar10", "data_dir": args.data_dir, "epochs": epochs,
                  "train_limit": args.train_limit, "test_limit": args.test_limit,
                  "width": widths[0] if role == "teacher" else widths[1]}
-    return resolve_config(args.preset, args.model, None, overrides), widths
+    return resolve_config(args.preset, args.model, None, overrides), overrides, widths
 
 
-def overrides_for_api(cfg) -> dict[str, Any]:
-    """The Config's fields as keyword overrides for kdlab.train / kdlab.distill (all but the identity ones)."""
-    skip = {"preset", "model", "method", "teacher", "teacher_path", "method_args"}
-    return {k: v for k, v in cfg.to_dict().items() if k not in skip}
-
-
-# --- child processes ---------------------------------------------------------------------------------
+# --- child processes: one part each ------------------------------------------------------------------
 
 
 def side_teacher(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import kdlab
 
-    cfg, _ = recipe(args, "teacher")
+    cfg, overrides, _ = recipe(args, "teacher")
     rec = kdlab.train(args.model, preset=args.preset, runs_dir=work / "teacher-runs", quiet=True, verbose=True,
-                      **overrides_for_api(cfg))
+                      **overrides)
     return {"checkpoint": rec.checkpoint, "final_acc": rec.final_acc, "wall_s": rec.wall_s, "epochs": cfg.epochs,
             "width": cfg.width, "run_id": rec.run_id}
 
 
 def side_kdlab(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import kdlab
-    from kdlab.data import load_dataset
 
-    cfg, _ = recipe(args)
+    cfg, overrides, _ = recipe(args)
     t0 = time.perf_counter()
     rec = kdlab.distill(args.teacher, args.model, preset=args.preset, runs_dir=work / "kdlab-runs", quiet=True,
-                        verbose=True, **overrides_for_api(cfg))
+                        verbose=True, **overrides)
     wall = time.perf_counter() - t0
     if rec.status != "done":
         raise RuntimeError(f"kdlab run {rec.run_id} ended {rec.status}: {rec.error}")
-    n_train, _ = split_sizes(load_dataset("cifar10", cfg.data_dir), cfg)
+    n_train, _ = split_sizes(cfg)
     epochs = [{"epoch": i + 1, "time_s": h["time_s"], "test_acc": h["test_acc"], "train_loss": h["train_loss"]}
               for i, h in enumerate(rec.history)]
     return {"wall_s": wall, "epochs": epochs, "final_acc": rec.final_acc, "best_acc": rec.best_acc,
             "train_images_per_epoch": n_train // cfg.batch_size * cfg.batch_size, "timing": rec.timing,
-            "peak_mem_bytes": rec.peak_mem_bytes, "run_id": rec.run_id, "compile": cfg.compile}
+            "peak_mem_bytes": rec.peak_mem_bytes, "run_id": rec.run_id}
 
 
 def side_torchdistill(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import torch
-    import torchdistill
-    from torch.backends import cudnn
-    from torchdistill.common import yaml_util
-    from torchdistill.common.main_util import import_dependencies, load_ckpt, save_ckpt, set_seed
-    from torchdistill.core.distillation import get_distillation_box
-    from torchdistill.models.registry import get_model
+    from torchdistill_run import run_torchdistill, write_config
 
-    from kdlab.api import load_teacher
+    cfg, _, widths = recipe(args)
+    # Written before the clock starts, as a user writes the config before running it.
+    path, values = write_config(cfg, args.model, widths, split_sizes(cfg), args.teacher, work, args.workers,
+                                not args.no_persistent_workers)
+    result = run_torchdistill(cfg, path)
+    return {**result, "workers": values["workers"], "persistent_workers": values["persistent_workers"],
+            "config_yaml": path.read_text()}
+
+
+def split_sizes(cfg: Any) -> tuple[int, int]:
+    """Training and test images the job uses, as kdlab's train_limit and test_limit cut them."""
     from kdlab.data import load_dataset
-    from kdlab.data.loader import channel_stats
-    from kdlab.device import resolve_device
 
-    cfg, widths = recipe(args)
-    if cfg.scheduler != "onecycle":
-        raise SystemExit(f"the torchdistill config expresses kdlab's onecycle schedule only, not {cfg.scheduler!r}")
-    device = resolve_device(cfg.device)
-    if cfg.threads and device.type == "cpu":
-        torch.set_num_threads(cfg.threads)
-    # The config is written before the clock starts, as a user writes it before running.
-    dataset = load_dataset("cifar10", cfg.data_dir)
-    n_train, n_test = split_sizes(dataset, cfg)
-    mean, std = channel_stats(dataset.train.images)  # the statistics kdlab normalises with
-    teacher, _, _ = load_teacher(args.teacher, work)
-    teacher_ckpt = work / "teacher-torchdistill.pt"
-    torch.save({"model": teacher.state_dict()}, teacher_ckpt)  # torchdistill's checkpoint layout
-    steps = n_train // cfg.batch_size
-    workers = args.workers
-    values = {
-        "data_dir": str(Path(cfg.data_dir).resolve()), "train_images": n_train, "test_images": n_test,
-        "mean": mean, "std": std, "teacher": args.model, "student": args.model, "teacher_width": widths[0],
-        "student_width": widths[1], "channels_last": cfg.channels_last, "teacher_ckpt": str(teacher_ckpt),
-        "student_ckpt": str(work / "student-torchdistill.pt"), "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-        "eval_batch_size": cfg.eval_batch_size, "workers": workers,
-        "persistent_workers": workers > 0 and not args.no_persistent_workers,
-        "forward_proc": "forward_batch_only_bf16" if cfg.precision == "bf16" else "forward_batch_only",
-        "lr": cfg.lr, "momentum": cfg.momentum, "nesterov": cfg.nesterov, "weight_decay": cfg.weight_decay,
-        "total_steps": steps * cfg.epochs, "warmup": cfg.warmup, "temperature": cfg.temperature,
-        "alpha": cfg.alpha, "label_smoothing": cfg.label_smoothing,
-    }
-    text = string.Template(TEMPLATE.read_text()).substitute({k: yaml_value(v) for k, v in values.items()})
-    config_path = work / "torchdistill_kd.yaml"
-    config_path.write_text(text)
-    sys.path.insert(0, str(HERE))  # where the config's dependency, torchdistill_kdlab, lives
-    if device.type == "cuda":
-        cudnn.benchmark = True  # what its example does unless told -disable_cudnn_benchmark
-        torch.cuda.reset_peak_memory_stats(device)
-
-    t0 = time.perf_counter()
-    set_seed(cfg.seed)
-    config = yaml_util.load_yaml_file(str(config_path))
-    import_dependencies(config.get("dependencies"))
-    models = {}
-    for role in ("teacher_model", "student_model"):
-        model_config = config["models"][role]
-        model = get_model(model_config["key"], **model_config["kwargs"])
-        load_ckpt(model_config.get("src_ckpt"), model=model, strict=True)
-        models[role] = model.to(device)
-    models["teacher_model"].eval()
-    box = get_distillation_box(models["teacher_model"], models["student_model"], config["datasets"],
-                               config["train"], device, None, False, 1)
-    precision = torch.bfloat16 if cfg.precision == "bf16" else None
-    epochs, best = [], 0.0
-    for epoch in range(box.num_epochs):
-        start = time.perf_counter()
-        box.pre_epoch_process(epoch=epoch)
-        loss_sum, seen = torch.zeros((), device=device), 0
-        for sample_batch, targets, supp_dict in box.train_data_loader:
-            sample_batch, targets = sample_batch.to(device), targets.to(device)
-            loss = box.forward_process(sample_batch, targets, supp_dict)
-            box.post_forward_process(loss=loss)
-            loss_sum += loss.detach()
-            seen += 1
-        train_loss = float(loss_sum) / max(1, seen)  # waits for the device: the epoch's training ends here
-        trained = time.perf_counter()
-        acc = evaluate(box.student_model, box.val_data_loader, device, precision)
-        evaluated = time.perf_counter()
-        if acc > best:  # the example keeps the best checkpoint
-            best = acc
-            save_ckpt(box.student_model, box.optimizer, box.lr_scheduler, best, None, values["student_ckpt"])
-        box.post_epoch_process()
-        end = time.perf_counter()
-        epochs.append({"epoch": epoch + 1, "time_s": end - start, "train_s": trained - start,
-                       "eval_s": evaluated - trained, "checkpoint_s": end - evaluated, "test_acc": acc,
-                       "train_loss": train_loss, "steps": seen})
-        print(f"torchdistill epoch {epoch + 1}/{box.num_epochs} loss {train_loss:.4f} test {acc:.2f}% "
-              f"{seen * cfg.batch_size / (trained - start):,.0f} img/s (training) {end - start:.1f}s",
-              file=sys.stderr, flush=True)
-    wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    # After the clock: the teacher through torchdistill's pipeline, to be read beside kdlab's figure for it
-    # (the same weights, images and normalisation give the same accuracy, up to bf16 rounding).
-    teacher_acc = evaluate(box.teacher_model, box.val_data_loader, device, precision)
-    box.clean_modules()
-    return {"wall_s": wall, "epochs": epochs, "final_acc": epochs[-1]["test_acc"], "best_acc": best,
-            "teacher_acc": teacher_acc,
-            "train_images_per_epoch": steps * cfg.batch_size, "peak_mem_bytes": peak, "workers": workers,
-            "persistent_workers": values["persistent_workers"], "torchdistill": torchdistill.__version__,
-            "config_yaml": text}
-
-
-def evaluate(model, loader, device, precision) -> float:
-    """Top-1 accuracy (percent) of `model` over a loader, in eval mode, one wait at the end."""
-    import torch
-
-    model.eval()
-    correct, total = torch.zeros((), device=device, dtype=torch.long), 0
-    with torch.inference_mode(), torch.autocast(device.type, dtype=precision or torch.float32,
-                                                enabled=precision is not None):
-        for images, targets in loader:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            correct += (model(images).argmax(1) == targets).sum()
-            total += len(targets)
-    return float(correct) / total * 100
-
-
-def split_sizes(dataset, cfg) -> tuple[int, int]:
-    """Training and test images used, as kdlab's train_limit and test_limit cut them."""
+    dataset = load_dataset(cfg.dataset, cfg.data_dir)
     n_train, n_test = len(dataset.train.labels), len(dataset.test.labels)
     return min(cfg.train_limit or n_train, n_train), min(cfg.test_limit or n_test, n_test)
-
-
-def yaml_value(value: Any) -> str:
-    """A Python value written as YAML inside the template (strings are quoted there)."""
-    if isinstance(value, bool):
-        return "True" if value else "False"
-    if isinstance(value, list):
-        return "[" + ", ".join(yaml_value(float(v)) for v in value) + "]"
-    if isinstance(value, float):
-        text = repr(value)
-        mantissa, e, exponent = text.partition("e")
-        # YAML 1.1 (PyYAML) reads 5e-04 as a string: its floats need a dot in the mantissa.
-        return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
-    return str(value)
 
 
 def environment() -> dict[str, Any]:
@@ -323,6 +200,11 @@ def spawn(side: str, argv: list[str], work: Path, extra: list[str]) -> tuple[dic
         print(f"[tdcheck] {side} failed (exit {code}) after {elapsed:.0f}s", file=sys.stderr, flush=True)
         return None, elapsed
     return json.loads(path.read_text()), elapsed
+
+
+def own_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """A part's result without what the whole file already says (its environment, where its files were)."""
+    return {k: v for k, v in result.items() if k not in ("side", "versions", "cpu_cores", "cuda", "checkpoint")}
 
 
 def rates(result: dict[str, Any]) -> dict[str, float]:
@@ -393,7 +275,7 @@ def parent(args: argparse.Namespace, argv: list[str]) -> int:
         raise SystemExit("torchdistill (and torchvision) must be importable: see the top of this script")
     if args.teacher and not Path(args.teacher).is_file():
         raise SystemExit(f"--teacher {args.teacher}: no such file")
-    cfg, widths = recipe(args)  # a bad --set or preset stops here, before anything trains
+    cfg, _, widths = recipe(args)  # a bad --set or preset stops here, before anything trains
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tdcheck-"))
@@ -418,7 +300,7 @@ def parent(args: argparse.Namespace, argv: list[str]) -> int:
             info, elapsed = spawn("teacher", argv, work, [])
             if info is None:
                 raise SystemExit("the teacher could not be trained: nothing to compare")
-            results["teacher"] = {**{k: v for k, v in info.items() if k != "checkpoint"}, "process_s": elapsed}
+            results["teacher"] = {**own_figures(info), "process_s": elapsed}
             teacher = info["checkpoint"]
         else:
             results["teacher"] = {"checkpoint": str(teacher)}
@@ -431,7 +313,7 @@ def parent(args: argparse.Namespace, argv: list[str]) -> int:
             if side == "torchdistill":
                 results["versions"]["torchdistill"] = result["torchdistill"]
                 results["torchdistill_config"] = result.pop("config_yaml")
-            results["runs"][side] = result
+            results["runs"][side] = own_figures(result)
             results["settings"]["train_images_per_epoch"] = result["train_images_per_epoch"]
             results["ratios"] = summarise(results)
             results["wall_s"] = time.perf_counter() - t0
