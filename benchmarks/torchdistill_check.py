@@ -42,7 +42,10 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kdlab.config import Config
 
 HERE = Path(__file__).resolve().parent
 SIDES = ("torchdistill", "kdlab")
@@ -55,8 +58,10 @@ NOT_IDENTICAL = [
     "batch order and the student's initial weights come from each side's own random streams (same seed)",
     "schedule: torchdistill's OneCycleLR (linear, div_factor 1000, final_div_factor 1e4, per step) for kdlab's "
     "onecycle (linear ramp from lr/1000 over `warmup` of the steps, then linear to zero): equal up to one step",
-    "bf16 autocast on the torchdistill side comes from a forward process registered in its registry "
-    "(torchdistill 1.1.5 has no mixed-precision setting for this pipeline); losses in float32 on both sides",
+    "bf16 autocast on the torchdistill side comes from a forward process registered in its registry: its "
+    "image-classification pipeline has no mixed-precision setting (its DistillationBox takes a Hugging Face "
+    "Accelerator, as its text examples do, but that would leave the frozen teacher in fp32); losses in float32 "
+    "on both sides",
     "compilation: kdlab compiles as its preset says (torch.compile); torchdistill has no such setting and runs eager",
     "optimiser: torch.optim.SGD with torch's default implementation (foreach) on torchdistill, fused on kdlab",
     "teacher mode: put in eval mode once by this script (torchdistill's default pre-epoch process leaves the "
@@ -97,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- the recipe, shared by every process -------------------------------------------------------------
 
 
-def recipe(args: argparse.Namespace, role: str = "student") -> tuple[Any, dict[str, Any], list[float]]:
+def recipe(args: argparse.Namespace, role: str = "student") -> tuple[Config, dict[str, Any], list[float]]:
     """The resolved kdlab Config of the student (or teacher) run, the overrides it came from (what kdlab's
     API is given) and the teacher and student widths. The torchdistill side reads its recipe from the Config."""
     from kdlab.api import resolve_config
@@ -155,7 +160,7 @@ def side_torchdistill(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "config_yaml": path.read_text()}
 
 
-def split_sizes(cfg: Any) -> tuple[int, int]:
+def split_sizes(cfg: Config) -> tuple[int, int]:
     """Training and test images the job uses, as kdlab's train_limit and test_limit cut them."""
     from kdlab.data import load_dataset
 
@@ -246,6 +251,10 @@ def table(results: dict[str, Any]) -> str:
     for name, r in results["runs"].items():
         lines.append(f"{name:<14}{r['wall_s']:>9.1f}{r['first_epoch_s']:>11.2f}{r['steady_epoch_s']:>9.2f}"
                      f"{r['steady_img_s']:>14,.0f}{r['overall_img_s']:>15,.0f}{r['final_acc']:>10.2f}%")
+    teacher, through = results.get("teacher", {}), results["runs"].get("torchdistill", {})
+    if "final_acc" in teacher and "teacher_acc" in through:  # the same teacher seen through both pipelines
+        lines.append(f"teacher ({teacher['epochs']} epochs): {teacher['final_acc']:.2f}% by kdlab, "
+                     f"{through['teacher_acc']:.2f}% through torchdistill's data pipeline")
     ratio = results.get("ratios")
     if ratio:
         lines.append(f"kdlab / torchdistill img/s: {ratio['steady_img_s']:.2f}x steady, "
@@ -332,14 +341,19 @@ def parent(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kdlab.config import preset_values
+    from kdlab.errors import UserError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.epochs is None:
-        from kdlab.config import preset_values
-
-        args.epochs = preset_values(args.preset, args.model)["epochs"]
-        argv += ["--epochs", str(args.epochs)]
-    return child(args) if args.side else parent(args, argv)
+    try:
+        if args.epochs is None:
+            args.epochs = preset_values(args.preset, args.model)["epochs"]
+            argv += ["--epochs", str(args.epochs)]
+        return child(args) if args.side else parent(args, argv)
+    except UserError as e:  # a bad --set, preset or model: one line, as kdlab's CLI says it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
