@@ -63,6 +63,7 @@ NOT_IDENTICAL = [
     "Accelerator, as its text examples do, but that would leave the frozen teacher in fp32); losses in float32 "
     "on both sides",
     "compilation: kdlab compiles as its preset says (torch.compile); torchdistill has no such setting and runs eager",
+    "cudnn.benchmark: on for torchdistill, as its example sets it; kdlab as its engine leaves it",
     "optimiser: torch.optim.SGD with torch's default implementation (foreach) on torchdistill, fused on kdlab",
     "teacher mode: put in eval mode once by this script (torchdistill's default pre-epoch process leaves the "
     "teacher's mode alone, so its example would run the teacher's BatchNorm in training mode); kdlab: eval mode",
