@@ -15,11 +15,12 @@ channels_last. Both sides train kdlab's own model definitions on the same images
 * kdlab: `kdlab.distill(...)` with the preset, in a fresh runs directory.
 
 Each side (and the teacher) runs in a fresh process. Measured per side: wall time (from reading the
-config to the last epoch, data loading and compilation included), per-epoch wall time (train, the
-loop's own evaluation and checkpoint), training images/s over the epochs after the first (steady) and
-over the whole wall time (overall), and the last epoch's test accuracy on the same test images. The
-summary prints the ratios (kdlab / torchdistill img/s, accuracy difference) and one JSON file lands in
---out with the device, versions, settings, every figure and what could not be made identical.
+config to the last epoch, data loading, compilation and checkpoints included), per-epoch time (training
+and the loop's own evaluation, as kdlab records an epoch; checkpoints are charged to the run), training
+images/s over the epochs after the first (steady) and over the whole wall time (overall), and the last
+epoch's test accuracy on the same test images. The summary prints the ratios (kdlab / torchdistill img/s,
+accuracy difference) and one JSON file lands in --out with the device, versions, settings, every figure
+and what could not be made identical.
 
 On the GPU machine (torch 2.11, no network) torchdistill travels as its wheel, installed without its
 dependencies (see torchdistill_check.sh). Here, in a venv of its own:
@@ -62,8 +63,8 @@ NOT_IDENTICAL = [
     "image-classification pipeline has no mixed-precision setting (its DistillationBox takes a Hugging Face "
     "Accelerator, as its text examples do, but that would leave the frozen teacher in fp32); losses in float32 "
     "on both sides",
-    "compilation: kdlab compiles as its preset says (torch.compile); torchdistill has no such setting and runs eager",
-    "cudnn.benchmark: on for torchdistill, as its example sets it; kdlab as its engine leaves it",
+    "engine: kdlab runs as its preset says (fast: each step replayed as a CUDA graph, torch.compile as set); "
+    "torchdistill has no such setting and runs eager",
     "optimiser: torch.optim.SGD with torch's default implementation (foreach) on torchdistill, fused on kdlab",
     "teacher mode: put in eval mode once by this script (torchdistill's default pre-epoch process leaves the "
     "teacher's mode alone, so its example would run the teacher's BatchNorm in training mode); kdlab: eval mode",
@@ -214,15 +215,15 @@ def own_figures(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def rates(result: dict[str, Any]) -> dict[str, float]:
-    """Images/s: steady (the epochs after the first, each with its loop's evaluation and checkpoint)
-    and overall (every trained image over the side's whole wall time)."""
+    """Images/s: steady (the epochs after the first, each with its loop's evaluation) and overall (every
+    trained image over the side's whole wall time)."""
     times = [e["time_s"] for e in result["epochs"]]
     steady = times[1:] or times
     per_epoch = result["train_images_per_epoch"]
     out = {"steady_img_s": per_epoch * len(steady) / sum(steady),
            "overall_img_s": per_epoch * len(times) / result["wall_s"],
            "first_epoch_s": times[0], "steady_epoch_s": sum(steady) / len(steady)}
-    if "train_s" in result["epochs"][0]:  # torchdistill: training alone, without evaluation and checkpoint
+    if "train_s" in result["epochs"][0]:  # torchdistill: training alone, without evaluation
         train = [e["train_s"] for e in result["epochs"]]
         out["steady_train_only_img_s"] = per_epoch * len(train[1:] or train) / sum(train[1:] or train)
     return out
@@ -298,7 +299,8 @@ def parent(args: argparse.Namespace, argv: list[str]) -> int:
                      "momentum": cfg.momentum, "nesterov": cfg.nesterov, "weight_decay": cfg.weight_decay,
                      "scheduler": cfg.scheduler, "warmup": cfg.warmup, "temperature": cfg.temperature,
                      "alpha": cfg.alpha, "precision": cfg.precision, "channels_last": cfg.channels_last,
-                     "compile": cfg.compile, "seed": cfg.seed, "augment": "random crop (pad 4) + flip",
+                     "compile": cfg.compile, "graphs": cfg.graphs, "seed": cfg.seed,
+                     "augment": "random crop (pad 4) + flip",
                      "set": args.set, "workers": args.workers,
                      "persistent_workers": not args.no_persistent_workers},
         "not_identical": NOT_IDENTICAL, "runs": {}, "process_s": {}, "failed": []}

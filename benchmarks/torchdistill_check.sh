@@ -5,16 +5,16 @@
 # its one pure-Python wheel, installed there without its dependencies: what it imports for this
 # pipeline, torch, torchvision, numpy, PyYAML and Pillow, is already on that machine; pandas, wandb
 # and trackio are imported only by its trackers, which this job does not use):
-#     mkdir -p .data && cp -r ../shared/datasets/cifar10-jpeg .data/    # 18 MB, decoded there (~17 s)
+#     mkdir -p .data && cp -r ../shared/datasets/cifar10-jpeg .data/    # 18 MB, decoded there on every core
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         -d .whl torchdistill==1.1.5                                   # 95 kB; .data/ and .whl/ are git-ignored
 # .data/ must hold only cifar10-jpeg/ when carried: decoded batches (180 MB) are over the 64 MiB limit.
 # Then one device call with carry [".data", ".whl"]:
 #     bash benchmarks/torchdistill_check.sh full    # 40 epochs, teacher trained first
 #     bash benchmarks/torchdistill_check.sh short   # 10 epochs (the teacher's too)
-# Estimates for one H200 from the figures of ../shared/gpu-results/2026-11-28-h200 (today's engine): full
-# about 5-6.5 min (decoding 17 s, teacher ~100 s, torchdistill ~80-150 s, kdlab ~110 s with a cold compile);
-# short about 2.5-3 min. full measures what the issue asks: img/s and the accuracy after the preset's 40
+# Estimates for one H200 from ../shared/gpu-results/2026-11-28-h200 (the engine before CUDA graphs, so an
+# upper bound for the kdlab parts): full about 5-6 min (teacher ~100 s, torchdistill ~80-150 s, kdlab KD
+# ~110 s, decoding and start-ups ~30 s); short about 2.5 min. full measures what the issue asks: img/s and the accuracy after the preset's 40
 # epochs. short measures the same steady-state img/s (epochs 2-10 of each side) but the accuracies of a
 # 10-epoch job, and its overall img/s carries kdlab's compilation over fewer epochs.
 # Extra arguments go to torchdistill_check.py (e.g. --epochs 20, --no-persistent-workers).
@@ -43,7 +43,7 @@ fi
     torchvision.__version__, 'torchdistill', torchdistill.__version__)"
 if [ ! -d .data/cifar-10-batches-py ]; then
     start=$(date +%s)
-    "$PYTHON" .data/cifar10-jpeg/make_cifar10_batches.py .data
+    "$PYTHON" benchmarks/prepare_cifar10_jpeg.py .data/cifar10-jpeg .data
     echo "data decoded in $(( $(date +%s) - start ))s"
 fi
 "$PYTHON" benchmarks/torchdistill_check.py --data-dir .data --out "$OUT" ${epochs[@]+"${epochs[@]}"} "$@" 2>&1 \
