@@ -46,5 +46,6 @@ if [ ! -d .data/cifar-10-batches-py ]; then
     "$PYTHON" benchmarks/prepare_cifar10_jpeg.py .data/cifar10-jpeg .data
     echo "data decoded in $(( $(date +%s) - start ))s"
 fi
-"$PYTHON" benchmarks/torchdistill_check.py --data-dir .data --out "$OUT" ${epochs[@]+"${epochs[@]}"} "$@" 2>&1 \
-    | tee "$OUT/torchdistill-$mode.log"
+# Time-boxed under a 10-minute call; the JSON is rewritten after each side, so a timeout keeps what was done.
+timeout "${TDCHECK_S:-560}" "$PYTHON" benchmarks/torchdistill_check.py --data-dir .data --out "$OUT" \
+    ${epochs[@]+"${epochs[@]}"} "$@" 2>&1 | tee "$OUT/torchdistill-$mode.log"
