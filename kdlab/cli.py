@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "small runs on a card (default 1 on a cluster with GPUs, else 0)")
     p.add_argument("--retries", type=int, default=3, help="with --ray: times a run whose worker or node died "
                    "is tried again (default 3)")
+    p.add_argument("--compress", default="", metavar="prune=R,int8",
+                   help="then compress every distilled student (see `kdlab compress`), e.g. prune=0.5,int8")
     _add_run_options(p)
 
     p = sub.add_parser("report", help="the paper's Tables 1-3 from the runs database, with statistics")
@@ -196,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="timed steps")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
+
+    from kdlab.deploy.commands import add_parsers  # export, compress, latency
+
+    add_parsers(sub)
     return parser
 
 
@@ -302,6 +308,7 @@ def _csv(text: str) -> list[str]:
 def _grid(args: argparse.Namespace) -> int:
     from kdlab import distributed
     from kdlab.api import default_runs_dir
+    from kdlab.deploy.compress import compress_grid, parse_compress, plan_lines
     from kdlab.grid import GridSpec, plan, run_with_workers, states
     from kdlab.store import DB_NAME, Store
 
@@ -322,10 +329,13 @@ def _grid(args: argparse.Namespace) -> int:
         check_ray()
         if args.workers != 1:
             raise UserError("--workers and --ray do not mix: Ray places the runs (see --gpus-per-run)")
+    compress = parse_compress(args.compress) if args.compress else None
     if args.dry_run:
         store = Store(runs_dir, readonly=True) if (runs_dir / DB_NAME).exists() else None
         for r, state in zip(runs, states(runs, store), strict=True):
             print(f"{r.run_id}  {state:<8} {r.role:<8} {r.label}")
+        for line in plan_lines(runs, compress, store) if compress else []:
+            print(line)
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
     log, failed_workers = echo, 0
@@ -338,8 +348,10 @@ def _grid(args: argparse.Namespace) -> int:
         counts, failed_workers = run_with_workers(runs, runs_dir, args.workers,
                                                   _without_option(args.argv[2:], "--workers"), quiet=args.quiet,
                                                   log=log)
+    if compress:
+        counts.update(compress_grid(runs, runs_dir, compress, quiet=args.quiet, log=log))
     print(", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "diverged"))
-    return 0 if counts.get("failed", 0) == 0 and not failed_workers else 1
+    return 0 if counts.get("failed", 0) == counts.get("compress failed", 0) == 0 and not failed_workers else 1
 
 
 def _grid_method_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -369,13 +381,17 @@ def _without_option(argv: list[str], flag: str) -> list[str]:
 @command("report")
 def _report(args: argparse.Namespace) -> int:
     from kdlab.api import default_runs_dir
+    from kdlab.deploy.table import deployment_over, with_deployment, write_deployment
     from kdlab.merge import report_over
     from kdlab.report import render, write_report
 
-    report = report_over(args.runs_dir or [default_runs_dir()], dataset=args.dataset, preset=args.preset)
-    print(render(report, args.format, compare_paper=args.compare_paper))
+    runs_dirs = args.runs_dir or [default_runs_dir()]
+    report = report_over(runs_dirs, dataset=args.dataset, preset=args.preset)
+    deployment = deployment_over(runs_dirs, dataset=args.dataset, preset=args.preset)
+    print(with_deployment(render(report, args.format, compare_paper=args.compare_paper), deployment, args.format))
     if args.out:
-        for path in write_report(report, Path(args.out), compare_paper=args.compare_paper):
+        written = write_report(report, Path(args.out), compare_paper=args.compare_paper)
+        for path in written + write_deployment(deployment, Path(args.out)):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -433,6 +449,15 @@ def _bench(args: argparse.Namespace) -> int:
     print(bench.format_table(results))
     print(f"wrote {bench.write_results(results, Path(args.out))}", file=sys.stderr)
     return 0
+
+
+@command("export")
+@command("compress")
+@command("latency")
+def _deploy(args: argparse.Namespace) -> int:
+    from kdlab.deploy.commands import run_command
+
+    return run_command(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

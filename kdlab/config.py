@@ -36,6 +36,8 @@ _LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots"
 _LATER_FIELDS = {"model_args": {}, "data_fingerprint": None, "weights_id": None}
 # Fields kdlab computes (bind_dataset, build_config): a settings file or --set may not give them.
 _DERIVED_FIELDS = ("data_fingerprint", "data_info", "weights_id")
+# model_args keys that say where a file is, not what it holds (its digest sits beside it and is hashed).
+_LOCATION_MODEL_ARGS = ("path",)
 
 
 @dataclass
@@ -101,6 +103,8 @@ class Config:
         skip = {*_LOCATION_FIELDS, "dataset"} if self.data_fingerprint else set(_LOCATION_FIELDS)
         data = {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in skip and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+        if "model_args" in data:
+            data["model_args"] = {k: v for k, v in data["model_args"].items() if k not in _LOCATION_MODEL_ARGS}
         versions = _method_versions(self)
         if versions:
             data["method_versions"] = versions

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdlab.deploy.runs import copy_run_files
 from kdlab.errors import UserError
 from kdlab.store import RunRecord, Store
 
@@ -184,7 +185,7 @@ def merge(sources: Sequence[str | Path], into: str | Path, log: Callable[[str], 
     try:
         combined = combine(stores)
         copied, busy = [], []
-        for run_id, (i, _) in combined.records.items():
+        for run_id, (i, record) in combined.records.items():
             if i == 0:
                 continue
             here = dst.get(run_id)
@@ -193,6 +194,7 @@ def merge(sources: Sequence[str | Path], into: str | Path, log: Callable[[str], 
                 continue
             dst.import_run(stores[i].export_run(run_id))
             _copy_checkpoints(stores[i].root, dst.root, run_id)
+            copy_run_files(stores[i].root, dst.root, record)  # ONNX files, pruned weights (kdlab.deploy)
             copied.append(run_id)
     finally:
         for s in stores:

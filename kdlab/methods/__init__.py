@@ -11,6 +11,7 @@ from kdlab.methods import (  # noqa: F401  (registration)
     fitnets,
     kd,
     paper_snippet,
+    qat,
     rkd,
     sp,
 )

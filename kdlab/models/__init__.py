@@ -2,11 +2,20 @@
 
 Importing this package registers every model (``vgg16``, ``resnet18``, ``densenet121``,
 ``densenet121_cifar``) and the sources of models from elsewhere (``timm:``, ``torchvision:``,
-``module:``; their libraries are imported only when one of their models is asked for).
+``module:``; their libraries are imported only when one of their models is asked for) and
+``pruned:`` (structurally pruned models, see ``pruned.py``).
 """
 
 # Imported to register the models and the sources.
-from kdlab.models import densenet, module_source, resnet, timm_source, torchvision_source, vgg  # noqa: F401
+from kdlab.models import (  # noqa: F401
+    densenet,
+    module_source,
+    pruned,
+    resnet,
+    timm_source,
+    torchvision_source,
+    vgg,
+)
 from kdlab.models.base import StagedModel
 from kdlab.models.foreign import ForeignModel
 from kdlab.models.registry import (

@@ -29,9 +29,11 @@ def build_report(store: Store, dataset: str | None = None, preset: str | None = 
 
     `dataset` matches a study's dataset name, the location its runs were given (a built-in name or
     a folder), or the start of its fingerprint."""
+    from kdlab.deploy.runs import is_deployment_run  # exported, pruned, QAT models: the deployment table's
+
     runs = store.runs()
     chosen = [r for r in runs if (dataset is None or _data_matches(r.config, dataset))
-              and (preset is None or r.config.get("preset") == preset)]
+              and (preset is None or r.config.get("preset") == preset) and not is_deployment_run(r.config)]
     if runs and not chosen:
         held = sorted({f"{data_name(r.config)}/{r.config.get('preset')}" for r in runs})
         raise UserError(f"no runs with {_filter_text(dataset, preset)} in {store.path}; "
