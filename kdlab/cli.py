@@ -118,7 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--width", type=float, help="width multiplier (default 1.0; smoke preset 0.125)")
     _add_run_options(p)
-
     _add_nproc(p)
 
     p = sub.add_parser("distill", help="train a student from a teacher (the paper's equation (2) by default)")

@@ -106,7 +106,6 @@ class Job:
     start_epoch: int = 0
     alive: bool = True
     sums: RunningSums | None = None
-    seen: int = 0  # training images this epoch (over all processes)
     lr: float = 0.0  # the last step's learning rate, for the record
     eval_sums: tuple[Tensor, Tensor] | None = None  # (loss sum, correct) over the test split
     stream: Any = None
@@ -191,7 +190,6 @@ class Engine:
             job.s.method.train()
             job.s.method.start_epoch(epoch)
             job.sums.reset()
-            job.seen = 0
         self._needs = self._teacher_needs(jobs)
 
     def step(self, jobs: list[Job], batch: Batch, lrs: list[float]) -> None:
@@ -205,7 +203,6 @@ class Engine:
                     job.s.lr.fill_(lr)
                     with job.timer("step"):
                         job.train_step(job.s.method.graph_key())
-                job.seen += self.train.batch_size
                 job.lr = lr
 
     def _teacher_needs(self, jobs: list[Job]) -> list[tuple[Teacher, str]]:
@@ -260,8 +257,11 @@ class Engine:
         return out
 
     def read(self, job: Job) -> dict[str, Any]:
-        """The job's running sums so far this epoch (over all processes of the run)."""
-        return job.sums.read(self.world.size if self.world is not None else 1)
+        """The job's running sums so far this epoch (over all processes of the run), and its training
+        accuracy (percent): each step covered one whole (global) batch."""
+        sums = job.sums.read(self.world.size if self.world is not None else 1)
+        sums["acc"] = sums["correct"] / max(1, sums["steps"] * self.train.batch_size) * 100
+        return sums
 
     # ---- streams ---------------------------------------------------------------------------------
 
@@ -303,20 +303,3 @@ def _capturing() -> bool:
 def _blank(loader: DeviceLoader) -> Batch:
     """Fixed buffers shaped like the loader's batches (memory format included)."""
     return next(loader.epoch(0)).clone()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DeviceLoader, autocast: Any = nullcontext) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy (percent) of any model over a split, in eval mode (eagerly)."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=loader.device)
-    correct = torch.zeros((), device=loader.device, dtype=torch.long)
-    for batch in loader.epoch(0):
-        with autocast():
-            logits = model(batch.x)
-        loss = F.cross_entropy(logits.float(), batch.y, reduction="none")
-        loss_sum += (loss * batch.mask).sum()
-        correct += ((logits.argmax(1) == batch.y) & batch.mask).sum()
-    model.train(was_training)
-    return float(loss_sum) / loader.n, float(correct) / loader.n * 100

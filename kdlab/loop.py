@@ -296,14 +296,14 @@ def _check_finite(job: Job, engine: Engine, store: Store, epoch: int) -> None:
         job.alive = False
         store.fail(job.run_id, f"loss became NaN or infinite at epoch {epoch + 1}, step {sums['bad'] + 1}")
         return
-    job.progress.step(epoch + 1, sums["steps"], sums["loss"], sums["correct"] / max(1, job.seen) * 100)
+    job.progress.step(epoch + 1, sums["steps"], sums["loss"], sums["acc"])
 
 
 def _end_epoch(job: Job, engine: Engine, store: Store, writer: CheckpointWriter, epoch: int, wall: float,
                test: tuple[float, float]) -> None:
     sums = engine.read(job)
     t0 = time.perf_counter()
-    metrics = {"train_loss": sums["loss"], "train_acc": sums["correct"] / max(1, job.seen) * 100, "lr": job.lr,
+    metrics = {"train_loss": sums["loss"], "train_acc": sums["acc"], "lr": job.lr,
                "terms": sums["terms"], "test_loss": test[0], "test_acc": test[1]}
     metrics["time_s"] = wall  # the epoch's own time: the checkpoint's copy below is charged to the run
     job.history.append(metrics)

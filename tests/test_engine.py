@@ -103,23 +103,24 @@ def test_a_loss_term_new_at_capture_time_refuses_to_be_captured(monkeypatch):
 
 def test_evaluation_pads_to_a_fixed_batch_and_counts_only_real_rows(tiny):
     from kdlab.data import load_dataset
-    from kdlab.engine import evaluate
-    from kdlab.loop import build_loaders
-    from kdlab.models import create_model
+    from kdlab.engine import Engine, Job
+    from kdlab.loop import build, build_loaders
+    from kdlab.timing import SegmentTimer
 
     cfg = build_config("smoke", "resnet18", overrides={**tiny, "test_limit": 100, "eval_batch_size": 32})
     dataset = load_dataset("synthetic", tiny["data_dir"])
-    _, test = build_loaders(cfg, dataset, torch.device("cpu"))
+    train, test = build_loaders(cfg, dataset, torch.device("cpu"))
     batches = list(test.epoch(0))
     assert len(batches) == 4 and all(len(b.y) == 32 for b in batches)
     assert int(sum(b.mask.sum() for b in batches)) == 100
     assert bool(batches[-1].mask[3]) and not bool(batches[-1].mask[4])  # 100 = 3 * 32 + 4 real rows
-    model = create_model("resnet18", 0.0625).eval()
+    job = Job(cfg, "r", None, "r", s=build(cfg, dataset, None), timer=SegmentTimer(torch.device("cpu")))
+    engine = Engine([job], train, test, torch.device("cpu"), cfg.precision)
+    model = job.s.student.eval()
     with torch.no_grad():
-        x = torch.cat([b.x[b.mask] for b in batches])
-        logits = model(x)
+        logits = model(torch.cat([b.x[b.mask] for b in batches]))
     y = torch.cat([b.y[b.mask] for b in batches])
-    loss, acc = evaluate(model, test)
+    loss, acc = engine.evaluate([job])["r"]
     assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
     assert acc == pytest.approx(float((logits.argmax(1) == y).float().mean()) * 100)
 
