@@ -36,8 +36,10 @@ def read_checkpoint(path: Path, trust: bool = False) -> Any:
         if not trust and "weights_only" in str(e).lower().replace(" ", "_"):
             raise UserError(f"{path} holds pickled objects (a whole model?), and loading them runs code from the "
                             "file: if you trust it, add --trust-checkpoint (Python: trust_checkpoint=True)") from None
-        raise UserError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}): give a kdlab checkpoint "
-                        "or a state dict saved with torch.save") from None
+        why = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{path} cannot be read as a PyTorch checkpoint, damaged or of another kind ({type(e).__name__}"
+                        f"{': ' + why if why else ''}): give a kdlab checkpoint or a state dict saved with "
+                        "torch.save") from None
 
 
 def plain_state(obj: Any) -> dict[str, Tensor] | None:
