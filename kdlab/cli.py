@@ -206,13 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command("models")
 def _models(args: argparse.Namespace) -> int:
-    from kdlab.models.listing import describe, print_table, source_names
+    from kdlab.models.listing import describe, print_sources, print_table
 
     if args.all:
-        for prefix, names in source_names().items():
-            print(f"{prefix}: {len(names)} models" if names else f"{prefix}: none available")
-            for name in names:
-                print(f"  {prefix}:{name}")
+        print_sources()
         return 0
     try:
         widths = [float(w) for w in args.widths.split(",")]

@@ -117,6 +117,7 @@ class PrunedSource(ModelSource):
     """`pruned:BASE`: BASE with the channel counts and starting weights of a file written by `kdlab compress`."""
 
     prefix = "pruned"
+    about = "a model with channels removed by `kdlab compress RUN --prune RATIO`, named pruned:<model> in its runs"
 
     def check(self, name: str) -> None:
         check_model_name(name)
