@@ -428,6 +428,8 @@ def read_checkpoint_file(path: str | Path, advice: str = FINISHED_ADVICE) -> dic
     is wrong and `advice` when it cannot be read or its content changed since it was written."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # the file could not be read at all (a folder in its place, permissions): not damage
+        raise
     except Exception as e:  # noqa: BLE001 (a damaged zip or pickle fails in many ways)
         why = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is damaged ({why}): {advice}") from None

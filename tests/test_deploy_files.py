@@ -87,6 +87,16 @@ def test_a_damaged_onnx_file_is_named_by_its_readers_and_rebuilt_by_export(study
                                   *rundir)
 
 
+def test_merge_names_a_damaged_file_it_copies(study, runs, tmp_path, capsys):
+    fp32 = _served(runs, study.student.run_id)
+    path = artifact_dir(runs, fp32.run_id) / "model.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    assert main(["merge", str(runs), "--into", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    moved = artifact_dir(tmp_path / "merged", fp32.run_id) / "model.onnx"
+    assert f"warning: {moved} is damaged" in out and f"kdlab export {study.student.run_id[:8]}" in out
+
+
 def test_compress_rebuilds_a_missing_int8_file_and_lists_its_real_size(study, runs, capsys):
     int8 = _served(runs, study.student.run_id, quantized=True)
     path = artifact_dir(runs, int8.run_id) / "model.onnx"

@@ -36,10 +36,8 @@ def read_checkpoint(path: Path, trust: bool = False) -> Any:
         if not trust and "weights_only" in str(e).lower().replace(" ", "_"):
             raise UserError(f"{path} holds pickled objects (a whole model?), and loading them runs code from the "
                             "file: if you trust it, add --trust-checkpoint (Python: trust_checkpoint=True)") from None
-        why = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{path} cannot be read as a PyTorch checkpoint, damaged or of another kind ({type(e).__name__}"
-                        f"{': ' + why if why else ''}): give a kdlab checkpoint or a state dict saved with "
-                        "torch.save") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint, or a damaged one ({type(e).__name__}): give a kdlab "
+                        "checkpoint or a state dict saved with torch.save") from None
 
 
 def plain_state(obj: Any) -> dict[str, Tensor] | None:
@@ -111,6 +109,9 @@ def load_initial_weights(model: nn.Module, path: str | Path) -> None:
     obj = read_checkpoint(p)
     state = plain_state(obj)
     if state is None and isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        from kdlab.store import check_checkpoint
+
+        check_checkpoint(obj, p)
         state = obj["student"]
     if state is None:
         raise UserError(f"weights file {p} holds no state dict")
