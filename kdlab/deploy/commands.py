@@ -162,6 +162,7 @@ def _trained_latency(store: Any, record: Any, batches: list[int], threads: list[
                      args: argparse.Namespace) -> list[dict[str, Any]]:
     """A trained run: PyTorch eager on its model, ONNX Runtime on its export (made here, not kept,
     when the run has no export run yet)."""
+    from kdlab.data.residency import input_size
     from kdlab.deploy.export import DEFAULT_OPSET, export_onnx
     from kdlab.deploy.latency import onnx_latency, torch_latency
     from kdlab.deploy.runs import fp32_export, load_run_model, model_file
@@ -169,7 +170,7 @@ def _trained_latency(store: Any, record: Any, batches: list[int], threads: list[
 
     model = load_run_model(record, store.root)
     images = dataset_of(record.config, args.data_dir).test.images
-    shape = (images.shape[3], images.shape[1], images.shape[2])
+    shape = (images.shape[3], *input_size(record.config, images.shape[1:3]))
     entries = torch_latency(model, shape, batches, threads, args.seconds) if "torch" in runtimes else []
     if "onnxruntime" in runtimes:
         exported = fp32_export(store.runs(), record.run_id)
