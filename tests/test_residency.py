@@ -44,6 +44,19 @@ def test_same_seed_same_batches_in_both_residencies(synthetic_dir, augmentation,
     assert first.x.shape[-2:] == ((crop_size, crop_size) if crop_size else (32, 32))
 
 
+def test_arrays_in_memory_stream_too(synthetic_dir):
+    """A split that is not a cache file (arrays given in memory) is gathered with numpy instead of read."""
+    from kdlab.data.datasets import Split
+
+    ds = load_dataset("synthetic", synthetic_dir)
+    split = Split(np.array(ds.train.images[:300]), ds.train.labels[:300])
+    options = dict(train=True, mean=[0.5] * 3, std=[0.25] * 3, seed=1)
+    stream = StreamLoader(split, 64, CPU, **options)
+    assert stream.file is None and StreamLoader(ds.train, 64, CPU, **options).file is not None
+    for a, b in zip(_batches(DeviceLoader(split, 64, CPU, **options), 2), _batches(stream, 2), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_random_resized_crop_boxes_follow_torchvision():
     boxes = resized_crop_boxes(batch_generator(0, 1, 2), 4000, 32, 40)
     x0, y0, w, h, flip = boxes.unbind(1)

@@ -168,8 +168,7 @@ class DeviceLoader(SplitLoader):
         step = max(1, UPLOAD_CHUNK_BYTES // (h * w * 3))
         for start in range(0, self.n, step):
             stop = min(start + step, self.n)
-            # A copy of one chunk: a memory map is read-only, and torch tensors want writable memory.
-            chunk = torch.from_numpy(np.array(split.images[start:stop])).to(device)
+            chunk = torch.from_numpy(np.ascontiguousarray(split.images[start:stop])).to(device)
             self.images[start:stop, :, p:p + h, p:p + w] = chunk.permute(0, 3, 1, 2)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
