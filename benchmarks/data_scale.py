@@ -17,7 +17,8 @@ RssShmem, the process's own memory (what the issue bounds), ``rss_peak`` the pea
 also counts pages of mapped files that the kernel can drop. The model trains on random-resized
 crops (``--crop``) of the stored images so that an epoch of 18,000 images takes minutes on a
 2-core CPU: the data path (224 px images decoded, stored, read and cropped) is the one measured.
-Writes ``OUT/data-scale-<device>-<date>.json``. Nothing here is a test.
+On a GPU machine the same steps run on the GPU (the memory figures are the host's). Writes
+``OUT/data-scale-<machine>-<date>.json``. Nothing here is a test.
 """
 
 from __future__ import annotations
@@ -124,20 +125,25 @@ def step_loader(folder: str, residency: str, batch: int, crop: int) -> dict[str,
     from kdlab.config import build_config
     from kdlab.data import load_dataset
     from kdlab.data.residency import make_loaders
+    from kdlab.device import resolve_device
 
     torch.set_num_threads(os.cpu_count() or 1)
+    device = resolve_device("auto")
     cfg = build_config("smoke", "resnet18", overrides={"batch_size": batch, "augmentation": "random-resized-crop",
                                                       "crop_size": crop, "data_residency": residency,
                                                       "train_limit": 0, "test_limit": 0})
     with PeakMemory() as mem:
         ds = load_dataset(folder)
         t0 = time.perf_counter()
-        train, _ = make_loaders(cfg, ds, torch.device("cpu"))
+        train, _ = make_loaders(cfg, ds, device)
         setup = time.perf_counter() - t0
         t0 = time.perf_counter()
         seen = sum(len(b.y) for b in train.epoch(0))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
-    return {"residency": type(train).__name__, "images": seen, "seconds": seconds, "images_per_s": seen / seconds,
+    return {"device": str(device), "residency": type(train).__name__, "images": seen, "seconds": seconds,
+            "images_per_s": seen / seconds,
             "setup_s": setup, "anon_peak": mem.anon, "rss_peak": mem.rss}
 
 
@@ -200,7 +206,7 @@ def main() -> None:
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="kdlab-data-scale-"))
     results: dict[str, Any] = {
-        "environment": {"machine": f"{os.cpu_count()}-core CPU", "cpu": _cpu_name(), "cores": os.cpu_count(),
+        "environment": {"machine": _machine(), "cpu": _cpu_name(), "cores": os.cpu_count(),
                         "memory_bytes": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
                         "versions": versions(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "load_average_before": os.getloadavg()},
@@ -226,7 +232,8 @@ def main() -> None:
     results["summary"] = _summary(results["sizes"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"data-scale-{os.cpu_count()}core-cpu-{results['environment']['date'][:10]}.json"
+    stem = "".join(c if c.isalnum() else "-" for c in results["environment"]["machine"].lower()).strip("-")
+    path = out / f"data-scale-{stem}-{results['environment']['date'][:10]}.json"
     path.write_text(json.dumps(results, indent=1))
     print(json.dumps(results["summary"], indent=1))
     echo(f"wrote {path}")
@@ -250,6 +257,13 @@ def _summary(sizes: dict[str, Any]) -> dict[str, Any]:
         out["large_over_small_peak_anon"] = {k: large[k]["anon_peak"] / small[k]["anon_peak"]
                                              for k in ("decode", "train_auto", "train_stream")}
     return out
+
+
+def _machine() -> str:
+    from kdlab.device import device_name, resolve_device
+
+    device = resolve_device("auto")
+    return device_name(device) if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
 
 
 def _cpu_name() -> str:
