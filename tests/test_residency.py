@@ -44,6 +44,20 @@ def test_same_seed_same_batches_in_both_residencies(synthetic_dir, augmentation,
     assert first.x.shape[-2:] == ((crop_size, crop_size) if crop_size else (32, 32))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: pinned buffers, asynchronous copies")
+@pytest.mark.parametrize("augmentation, crop_size", [("pad-crop", 0), ("random-resized-crop", 24)])
+def test_same_batches_in_both_residencies_on_a_gpu(synthetic_dir, augmentation, crop_size):
+    ds = load_dataset("synthetic", synthetic_dir)
+    cuda = torch.device("cuda")
+    for train in (True, False):
+        options = dict(train=train, mean=[0.5] * 3, std=[0.25] * 3, seed=5, augmentation=augmentation,
+                       crop_size=crop_size, channels_last=True)
+        device, stream = DeviceLoader(ds.train, 128, cuda, **options), StreamLoader(ds.train, 128, cuda, **options)
+        for epoch in (0, 1):
+            for a, b in zip(_batches(device, epoch), _batches(stream, epoch), strict=True):
+                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_arrays_in_memory_stream_too(synthetic_dir):
     """A split that is not a cache file (arrays given in memory) is gathered with numpy instead of read."""
     from kdlab.data.datasets import Split

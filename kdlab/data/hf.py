@@ -38,8 +38,10 @@ def source(spec: str, image_size: int = 0) -> Source:
     opened: list[Any] = []
     root: Path | None = None
     if path.exists() or spec.startswith(("/", ".", "~")):
-        if not path.is_dir():
+        if not path.exists():
             raise DataMissing(f"Hugging Face dataset folder {path} does not exist")
+        if not path.is_dir():
+            raise UserError(f"{path} is not a folder: hf:PATH takes a dataset's folder, or a name on the hub")
         root = path.resolve()
         location, name, signature = f"hf:{root}", root.name, _folder_signature(root)
     else:  # a hub name: its files are what the library downloaded
