@@ -9,6 +9,9 @@ a temporary folder, then measures, each step in a fresh process so that its peak
 * decode: the folder decoded into the cache (every core, fingerprint and statistics in the same pass);
 * loader: one epoch of the training loader alone, streamed from the cache (and on the "device",
   host memory here, when the split fits its budget), in images per second;
+* pace: the streamed loader alone and training alone (the model's forward, backward and SGD step on
+  the loader's batches), in turns in one process, so that the ratio of their rates is measured
+  under one load of the machine (which, shared, varies by 2-3x from minute to minute);
 * train: a one-epoch run of `kdlab train` with the residency kdlab chooses (``auto``) and with
   ``data_residency=stream`` forced, with its training rate (images / seconds of training steps).
 
@@ -147,6 +150,48 @@ def step_loader(folder: str, residency: str, batch: int, crop: int) -> dict[str,
             "setup_s": setup, "anon_peak": mem.anon, "rss_peak": mem.rss}
 
 
+def step_pace(folder: str, model: str, width: float, batch: int, crop: int, rounds: int = 6,
+              per_round: int = 15) -> dict[str, Any]:
+    """The streamed loader alone against training alone, in turns in one process (`rounds` x
+    `per_round` batches each), so that both are measured under the same load of the machine."""
+    import torch
+
+    from kdlab.data import load_dataset
+    from kdlab.data.stream import StreamLoader
+    from kdlab.device import resolve_device
+    from kdlab.models import create_model
+
+    device = resolve_device("auto")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ds = load_dataset(folder)
+    mean, std = ds.stats
+    loader = StreamLoader(ds.train, batch, device, train=True, mean=mean, std=std, seed=0,
+                          augmentation="random-resized-crop", crop_size=crop)
+    net = create_model(model, width, ds.num_classes).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    loading = training = 0.0
+    images = 0
+    batches = loader.epoch(0)
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        got = [next(batches) for _ in range(per_round)]
+        sync()
+        loading += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for b in got:
+            loss = torch.nn.functional.cross_entropy(net(b.x), b.y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync()
+        training += time.perf_counter() - t0
+        images += per_round * len(got[0].y)
+    batches.close()
+    return {"loader_images_per_s": images / loading, "training_images_per_s": images / training,
+            "loader_over_training": training / loading, "images": images}
+
+
 def step_train(folder: str, residency: str, model: str, width: float, batch: int, crop: int,
                runs: str) -> dict[str, Any]:
     import kdlab
@@ -167,7 +212,7 @@ def step_train(folder: str, residency: str, model: str, width: float, batch: int
 
 
 def _child(args: argparse.Namespace) -> None:
-    step = {"decode": step_decode, "loader": step_loader, "train": step_train}[args.step]
+    step = {"decode": step_decode, "loader": step_loader, "pace": step_pace, "train": step_train}[args.step]
     print(json.dumps(step(*json.loads(args.child_args))))
 
 
@@ -222,11 +267,10 @@ def main() -> None:
         row["decode"] = run_step("decode", cache, str(folder))
         row["loader_stream"] = run_step("loader", cache, str(folder), "stream", args.batch, args.crop)
         row["loader_auto"] = run_step("loader", cache, str(folder), "auto", args.batch, args.crop)
+        row["pace"] = run_step("pace", cache, str(folder), args.model, args.width, args.batch, args.crop)
         for residency in ("auto", "stream"):
             row[f"train_{residency}"] = run_step("train", cache, str(folder), residency, args.model, args.width,
                                                  args.batch, args.crop, str(work / f"runs-{n}-{residency}"))
-        row["loader_over_training"] = (row["loader_stream"]["images_per_s"]
-                                       / row["train_stream"]["training_images_per_s"])
         results["sizes"][str(n)] = row
     results["environment"]["load_average_after"] = os.getloadavg()
     results["summary"] = _summary(results["sizes"])
@@ -251,8 +295,8 @@ def _summary(sizes: dict[str, Any]) -> dict[str, Any]:
                   "peak_anon_gb": {k: row[k]["anon_peak"] / 1e9 for k in ("decode", "train_auto", "train_stream")},
                   "train_auto_residency": row["loader_auto"]["residency"],
                   "loader_img_s": row["loader_stream"]["images_per_s"],
-                  "training_img_s": row["train_stream"]["training_images_per_s"],
-                  "loader_over_training": row["loader_over_training"]}
+                  "training_img_s": {k: row[f"train_{k}"]["training_images_per_s"] for k in ("auto", "stream")},
+                  "pace": row["pace"]}
     if small is not None:
         out["large_over_small_peak_anon"] = {k: large[k]["anon_peak"] / small[k]["anon_peak"]
                                              for k in ("decode", "train_auto", "train_stream")}

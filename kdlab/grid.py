@@ -115,11 +115,10 @@ def plan(spec: GridSpec, decode: bool = True) -> list[PlannedRun]:
     runs: list[PlannedRun] = []
     for seed in range(first_seed, first_seed + spec.seeds):
         runs += _seed_runs(spec, seed, teachers, students, make)
-    stored = identity[0].info["image_size"] if identity[0] is not None else None
-    cfg = runs[0].cfg
-    size = input_size(cfg, stored) if stored else (cfg.crop_size or cfg.image_size or None)
-    if size:
-        _warn_small_inputs([m for m, _ in (*teachers, *students)], size if stored else (size, size))
+    # Not identified (a dry run on data not decoded yet): the size policy, when set, says the size.
+    stored = identity[0].info["image_size"] if identity[0] is not None else [runs[0].cfg.image_size] * 2
+    if all(stored):
+        _warn_small_inputs([m for m, _ in (*teachers, *students)], input_size(runs[0].cfg, stored))
     # Teachers of every seed first, so a second process finds distillation work sooner.
     order = {"teacher": 0, "student": 1, "assistant": 2, "distill": 3}
     unique = {}

@@ -25,7 +25,7 @@ from kdlab.data.datasets import Split
 from kdlab.data.loader import Batch, SplitLoader
 
 PREFETCH = 4  # batches gathered ahead of the one being trained on
-GATHER_THREADS = 2  # reading the cache is memory copies and page faults, both outside the GIL
+GATHER_THREADS = 4  # at most (and one per core): reads of the cache file, outside the GIL
 
 
 class StreamLoader(SplitLoader):
