@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -56,31 +56,33 @@ class StreamLoader(SplitLoader):
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch (0-based), in a fixed order for (seed, epoch)."""
-        yield from self._stream(self._plan(epoch), epoch)
+        yield from self._stream(len(self), self._rows(epoch), epoch)
 
-    def _plan(self, epoch: int) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Each batch's dataset rows, view ids and real-row mask, on the host (the rows are gathered there)."""
-        cpu = torch.device("cpu")
-        plan = []
+    def _rows(self, epoch: int) -> Callable[[int], tuple[Tensor, Tensor, Tensor]]:
+        """Batch number -> its dataset rows, view ids and real-row mask, on the host (where the rows are read)."""
         if not self.train:
-            for start in range(0, self.n, self.batch_size):
-                first = start + self.rank * self.rows
+            def evaluation(b: int) -> tuple[Tensor, Tensor, Tensor]:
+                first = b * self.batch_size + self.rank * self.rows
                 rows = torch.arange(first, first + self.rows)
                 index = rows.clamp(max=self.n - 1)
-                plan.append((index, torch.full_like(index, self.eval_view), rows < self.n))
-            return plan
-        order, views = self.epoch_draws(epoch, cpu)
+                return index, torch.full_like(index, self.eval_view), rows < self.n
+
+            return evaluation
+        order, views = self.epoch_draws(epoch, torch.device("cpu"))
         real = torch.ones(self.rows, dtype=torch.bool)
-        for b in range(len(self)):
+
+        def training(b: int) -> tuple[Tensor, Tensor, Tensor]:
             first = b * self.batch_size + self.rank * self.rows
             index = order[first:first + self.rows]
-            plan.append((index, views[index], real))
-        return plan
+            return index, views[index], real
 
-    def _stream(self, plan: list[tuple[Tensor, Tensor, Tensor]], epoch: int) -> Iterator[Batch]:
+        return training
+
+    def _stream(self, count: int, rows_of: Callable[[int], tuple[Tensor, Tensor, Tensor]],
+                epoch: int) -> Iterator[Batch]:
         cuda = self.device.type == "cuda"
         slots = [torch.empty((self.rows, *self.stored, 3), dtype=torch.uint8, pin_memory=cuda)
-                 for _ in range(min(PREFETCH, len(plan)))]
+                 for _ in range(min(PREFETCH, count))]
         copied: list[torch.cuda.Event | None] = [None] * len(slots)  # when each slot's copy to the device is done
 
         def gather(slot: int, index: Tensor) -> int:
@@ -92,9 +94,10 @@ class StreamLoader(SplitLoader):
 
         fd = os.open(self.file, os.O_RDONLY) if self.file else None
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="kdlab-stream")
-        pending: deque[Future] = deque(pool.submit(gather, k, plan[k][0]) for k in range(len(slots)))
+        pending: deque[Future] = deque(pool.submit(gather, k, rows_of(k)[0]) for k in range(len(slots)))
         try:
-            for b, (index, view, mask) in enumerate(plan):
+            for b in range(count):
+                index, view, mask = rows_of(b)
                 slot = pending.popleft().result()
                 host = slots[slot]
                 images = host.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
@@ -106,8 +109,8 @@ class StreamLoader(SplitLoader):
                 batch = self.make(images, None, index.to(self.device, non_blocking=True),
                                   view.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True),
                                   epoch, b)
-                if b + len(slots) < len(plan):  # on a CPU `make` has copied the pixels: the buffer is free
-                    pending.append(pool.submit(gather, slot, plan[b + len(slots)][0]))
+                if b + len(slots) < count:  # on a CPU `make` has copied the pixels: the buffer is free
+                    pending.append(pool.submit(gather, slot, rows_of(b + len(slots))[0]))
                 yield batch
         finally:
             for future in pending:
