@@ -171,11 +171,21 @@ def step_pace(folder: str, model: str, width: float, batch: int, crop: int, roun
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     loading = training = 0.0
     images = 0
-    batches = loader.epoch(0)
+    epochs = (loader.epoch(e) for e in range(1 << 30))
+    batches = next(epochs)
+
+    def next_batch() -> Any:
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:  # a small set: the next epoch
+            batches = next(epochs)
+            return next(batches)
+
     for _ in range(rounds):
         sync()
         t0 = time.perf_counter()
-        got = [next(batches) for _ in range(per_round)]
+        got = [next_batch() for _ in range(per_round)]
         sync()
         loading += time.perf_counter() - t0
         t0 = time.perf_counter()
