@@ -94,6 +94,7 @@ class Source:
 
 
 def cache_root(cache_dir: Path | str | None) -> Path:
+    """The cache directory: `cache_dir` when given (``--cache-dir``), else `default_cache_dir`."""
     return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
 
