@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from kdlab.config import PRESET_WIDTHS, Config, bind_dataset, build_config, load_yaml
-from kdlab.data import DataIdentity, Dataset, load_dataset
+from kdlab.data import DataIdentity, Dataset, dataset_for
 from kdlab.data.arrays import array_identity, as_dataset
 from kdlab.data.checks import check_teacher_data, check_unchanged
+from kdlab.data.residency import input_size
 from kdlab.errors import UserError, warn
 from kdlab.loop import CHECKPOINT_FORMAT, prepare_teacher
 from kdlab.loop import run as run_training
@@ -149,9 +150,9 @@ def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: nn.Modul
     # Load the data and check the models before touching the database: a bad data dir, a teacher for
     # other classes or a model without the features its method needs must leave it unchanged.
     if dataset is None:
-        dataset = load_dataset(cfg.dataset, cfg.data_dir)
+        dataset = dataset_for(cfg)
     check_unchanged(dataset, cfg)
-    note = input_size_note(cfg.model, dataset.train.images.shape[1:3])
+    note = input_size_note(cfg.model, input_size(cfg, dataset.train.images.shape[1:3]))
     if note:
         warn(note)
     preflight(cfg, dataset, teacher_model)

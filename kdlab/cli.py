@@ -40,9 +40,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by train, distill and grid: where data and runs are, and the recipe."""
-    p.add_argument("--dataset", help="cifar10, cifar100, synthetic, or a folder with train/<class>/ and test/<class>/")
+    p.add_argument("--dataset", help="cifar10, cifar100, synthetic, a folder with train/<class>/ and test/<class>/ "
+                   "(or val/<class>/), or hf:PATH_OR_NAME (a Hugging Face dataset; kdlab[hf])")
     p.add_argument("--data-dir", help="where datasets live (default $KDLAB_DATA_DIR or ~/.cache/kdlab/data)")
-    p.add_argument("--preset", default="paper", help="paper (the paper's recipe), fast (GPU), smoke (seconds, CPU)")
+    p.add_argument("--cache-dir", help="where datasets are decoded to, once (default $KDLAB_CACHE_DIR or "
+                   "~/.cache/kdlab/decoded)")
+    p.add_argument("--preset", default="paper", help="paper (the paper's recipe), fast (GPU), smoke (seconds, CPU), "
+                   "imagenet (the ImageNet KD benchmark's recipe)")
     p.add_argument("--config", help="YAML file of settings; command-line options override it")
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
@@ -92,7 +96,8 @@ def _pairs(items: Sequence[str], flag: str, form: str = "KEY=VALUE") -> dict[str
 
 def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
     """Config overrides from the named options and --set KEY=VALUE pairs."""
-    out = {"dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs, "seed": args.seed,
+    out = {"dataset": args.dataset, "data_dir": args.data_dir, "cache_dir": args.cache_dir, "epochs": args.epochs,
+           "seed": args.seed,
            "batch_size": args.batch_size, "lr": args.lr, "device": args.device, "mlflow": args.mlflow, **extra}
     out.update({k.replace("-", "_"): v for k, v in _pairs(args.set, "--set").items()})
     return out
@@ -305,7 +310,7 @@ def _grid(args: argparse.Namespace) -> int:
     from kdlab import distributed
     from kdlab.api import default_runs_dir
     from kdlab.deploy.compress import compress_grid, parse_compress, plan_lines
-    from kdlab.grid import GridSpec, plan, run_with_workers, states
+    from kdlab.grid import GridSpec, plan, provisional, run_with_workers, states
     from kdlab.store import DB_NAME, Store
 
     if distributed.current() is not None:
@@ -317,7 +322,7 @@ def _grid(args: argparse.Namespace) -> int:
                     config=args.config, overrides={k: v for k, v in overrides.items() if v is not None},
                     method_args=_grid_method_args(args.method_arg), assistants=_csv(args.assistants),
                     teacher_width=args.teacher_width, student_width=args.student_width)
-    runs = plan(spec)
+    runs = plan(spec, decode=not args.dry_run)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
     if args.ray:
         from kdlab.ray_grid import check_ray
@@ -333,6 +338,10 @@ def _grid(args: argparse.Namespace) -> int:
         for line in plan_lines(runs, compress, store) if compress else []:
             print(line)
         print(f"{len(runs)} runs planned in {runs_dir}")
+        if provisional(runs):
+            echo(f"kdlab: note: {runs[0].cfg.dataset} is not decoded yet (or not there), and a dry run decodes "
+                 "nothing: these run ids are provisional, named after its place; the grid names them after its "
+                 "content once it has read it")
         return 0
     log, failed_workers = echo, 0
     if args.ray:

@@ -21,7 +21,7 @@ import yaml
 
 from kdlab.errors import UserError
 
-PRESETS = ("paper", "fast", "smoke")
+PRESETS = ("paper", "fast", "smoke", "imagenet")
 SCHEDULERS = ("cosine", "multistep", "onecycle", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")  # and "auto", settled when the config is built (kdlab.device.auto_precision)
 COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
@@ -30,10 +30,11 @@ _OWN_GRAPHS = ("reduce-overhead", "max-autotune")  # compile modes that capture 
 # Fields that say where things are, how they are shown or how the same arithmetic is scheduled, not
 # what is computed: kept out of the hash.
 _LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots", "graphs", "checkpoint_every",
-                    "sync_bn", "data_info", "weights", "tensorboard", "mlflow")
+                    "sync_bn", "data_info", "weights", "tensorboard", "mlflow", "cache_dir", "data_residency")
 # Fields added after the first stores were written: hashed only when they differ from their default,
 # so the runs of older stores keep their ids.
-_LATER_FIELDS = {"model_args": {}, "data_fingerprint": None, "weights_id": None}
+_LATER_FIELDS = {"model_args": {}, "data_fingerprint": None, "weights_id": None, "image_size": 0, "crop_size": 0,
+                 "augmentation": "pad-crop"}
 # Fields kdlab computes (bind_dataset, build_config): a settings file or --set may not give them.
 _DERIVED_FIELDS = ("data_fingerprint", "data_info", "weights_id")
 # model_args keys that say where a file is, not what it holds (its digest sits beside it and is hashed).
@@ -55,6 +56,8 @@ class Config:
     data_dir: str | None = None
     data_fingerprint: str | None = None  # hash of the dataset's content (bind_dataset); None: not bound
     data_info: dict[str, Any] = field(default_factory=dict)  # its name, image size, classes and counts
+    image_size: int = 0  # store images at S x S (shorter side to S, centre crop); 0: as they are (one size)
+    cache_dir: str | None = None  # where decoded datasets are cached (default $KDLAB_CACHE_DIR, ~/.cache/kdlab/decoded)
     train_limit: int = 0  # use only the first N training images (0: all); smoke runs
     test_limit: int = 0
     # how it learns: the method and its teacher
@@ -77,6 +80,8 @@ class Config:
     warmup: float = 0.0  # onecycle: fraction of steps spent rising to the peak lr
     label_smoothing: float = 0.0
     augment: bool = True
+    augmentation: str = "pad-crop"  # what augment does: pad-crop (CIFAR) or random-resized-crop (ImageNet)
+    crop_size: int = 0  # train and evaluate on crops of this side (random-resized-crop); 0: the stored size
     # the engine
     precision: str = "fp32"  # fp32, bf16, fp16 (with loss scaling), or auto: chosen from the device when built
     channels_last: bool = False
@@ -84,6 +89,7 @@ class Config:
     graphs: bool = True  # on CUDA, replay each step as a CUDA graph (same kernels, one launch)
     eval_batch_size: int = 1000
     device: str = "auto"
+    data_residency: str = "auto"  # the images on the device, or streamed from the cache (same batches either way)
     threads: int = 0  # CPU threads for torch (0: torch's default); tiny models run best on 1
     snapshots: list[int] = field(default_factory=list)  # also keep the weights after these epochs (ESKD teachers)
     checkpoint_every: int = 1  # epochs between checkpoints (and the last epoch); written off the training thread
@@ -136,8 +142,22 @@ _SMOKE = dict(epochs=2, batch_size=32, lr=0.1, momentum=0.9, nesterov=True, weig
               scheduler="onecycle", warmup=0.2, train_limit=2000, test_limit=500, precision="fp32",
               channels_last=False, compile="none", eval_batch_size=500, threads=1)
 
+# The standard ImageNet KD benchmark (ResNet-34 -> ResNet-18), as torchdistill's official config
+# (configs/official/ilsvrc2012/yoshitomo-matsubara/rrpr2020/kd-resnet18_from_resnet34.yaml) and
+# mdistiller's (configs/imagenet/r34_r18/kd.yaml) run it, after the PyTorch reference recipe: SGD with
+# momentum 0.9, lr 0.1 for batch 256 (scaled linearly when the batch size is set: build_config),
+# weight decay 1e-4, 100 epochs with the lr divided by 10 at epochs 30, 60 and 90, KD at T = 1 with
+# cross-entropy and KD weighted 0.5 each; random-resized-crop 224 and flip for training, images stored
+# at 256 (shorter side, centre crop) and their centre 224 evaluated (Resize(256) + CenterCrop(224)).
+# Mixed precision (auto) and channels_last are kdlab's GPU engine settings, not the recipe's (torchdistill runs fp32).
+_IMAGENET = dict(epochs=100, batch_size=256, lr=0.1, momentum=0.9, nesterov=False, weight_decay=1e-4,
+                 scheduler="multistep", milestones=[0.3, 0.6, 0.9], gamma=0.1, label_smoothing=0.0,
+                 temperature=1.0, alpha=0.5, augment=True, augmentation="random-resized-crop", image_size=256,
+                 crop_size=224, precision="auto", channels_last=True, compile="none", eval_batch_size=500)
+IMAGENET_LR_PER_256 = 0.1
+
 # Widths the grid (and `kdlab train` under smoke) uses for teachers and students.
-PRESET_WIDTHS = {"paper": (1.0, 0.5), "fast": (1.0, 0.5), "smoke": (0.125, 0.0625)}
+PRESET_WIDTHS = {"paper": (1.0, 0.5), "fast": (1.0, 0.5), "smoke": (0.125, 0.0625), "imagenet": (1.0, 0.5)}
 
 
 def _method_versions(cfg: Config) -> dict[str, int]:
@@ -154,7 +174,7 @@ def bind_dataset(cfg: Config, identity: Any = None) -> Config:
     if identity is None:
         from kdlab.data import identify_dataset
 
-        identity = identify_dataset(cfg.dataset, cfg.data_dir)
+        identity = identify_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir)
     return dataclasses.replace(cfg, dataset=identity.location, data_fingerprint=identity.fingerprint,
                                data_info=dict(identity.info))
 
@@ -166,7 +186,7 @@ def preset_values(preset: str, model: str) -> dict[str, Any]:
     if preset == "paper":
         family = _family(model)
         return {**_PAPER, **(_PAPER_VGG if family == "vgg" else _PAPER_OTHER)}
-    return dict(_FAST if preset == "fast" else _SMOKE)
+    return dict({"fast": _FAST, "smoke": _SMOKE, "imagenet": _IMAGENET}[preset])
 
 
 def _family(model: str) -> str:
@@ -205,6 +225,8 @@ def build_config(preset: str = "paper", model: str = "resnet18", file_values: di
     for source, extra in (("config file", file_values), ("override", overrides)):
         for key, value in extra.items():
             values[key] = _coerce(key, value, source)
+    if preset == "imagenet" and "lr" not in file_values and "lr" not in overrides:
+        values["lr"] = IMAGENET_LR_PER_256 * values["batch_size"] / 256  # the linear scaling rule (Goyal et al.)
     cfg = Config(**values)
     if cfg.precision == "auto":
         # Settled here, so the run's identity holds the precision it really trains in (bf16 and fp16
@@ -278,6 +300,8 @@ def _type_name(kind: Any) -> str:
 
 def validate(cfg: Config) -> None:
     """Reject values no run can use, with one line that names the setting."""
+    from kdlab.data.augment import AUGMENTATIONS
+    from kdlab.data.residency import RESIDENCIES
     from kdlab.methods import METHODS
     from kdlab.models import check_model_name
 
@@ -310,6 +334,16 @@ def validate(cfg: Config) -> None:
          "or max-autotune-no-cudagraphs (kdlab then captures the graphs)"),
         (all(1 <= e <= cfg.epochs for e in cfg.snapshots), f"snapshots are epochs in 1..{cfg.epochs}"),
         ("num_classes" not in cfg.model_args, "model_args num_classes: the number of classes comes from the data"),
+        (cfg.image_size >= 0, f"image_size must be >= 0 (0: the images' own size), got {cfg.image_size}"),
+        (cfg.crop_size >= 0, f"crop_size must be >= 0 (0: the stored size), got {cfg.crop_size}"),
+        (cfg.augmentation in AUGMENTATIONS,
+         f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {cfg.augmentation!r}"),
+        (not cfg.crop_size or cfg.augmentation != "pad-crop",
+         "crop_size needs augmentation=random-resized-crop (pad-crop trains at the stored size)"),
+        (not (cfg.crop_size and cfg.image_size) or cfg.crop_size <= cfg.image_size,
+         f"crop_size ({cfg.crop_size}) must be at most image_size ({cfg.image_size})"),
+        (cfg.data_residency in RESIDENCIES,
+         f"data_residency must be one of {', '.join(RESIDENCIES)}, got {cfg.data_residency!r}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.config import PRESET_WIDTHS, Config, bind_dataset, build_config, load_yaml
-from kdlab.data import identify_dataset
+from kdlab.data import identity_for
+from kdlab.data.residency import input_size
 from kdlab.device import resolve_device
 from kdlab.errors import UserError, warn
 from kdlab.loop import loader_key, prepare_teacher, run_group
@@ -80,11 +81,13 @@ _GRID_OWNED = {
 }
 
 
-def plan(spec: GridSpec) -> list[PlannedRun]:
+def plan(spec: GridSpec, decode: bool = True) -> list[PlannedRun]:
     """The grid's runs in dependency order: teachers, students alone, then distilled students.
 
     Every run's config is bound to the dataset's content (one fingerprint for the whole grid), so
-    the ids are final before anything trains."""
+    the ids are final before anything trains. With `decode` false (a dry run) data that is not
+    decoded yet, or not there, is neither decoded nor downloaded: the configs stay unbound
+    (`provisional`), their ids named after the dataset's place instead of its content."""
     _check_spec(spec)
     file_values = load_yaml(spec.config) if spec.config else {}
     for source, values in (("--set", spec.overrides), (f"config file {spec.config}", file_values)):
@@ -103,8 +106,8 @@ def plan(spec: GridSpec) -> list[PlannedRun]:
     def make(model: str, width: float, seed: int, **extra: Any) -> Config:
         cfg = build_config(spec.preset, model, file_values, {**base, "width": width, "seed": seed, **extra})
         if not identity:
-            identity.append(identify_dataset(cfg.dataset, cfg.data_dir))
-        return bind_dataset(cfg, identity[0])
+            identity.append(identity_for(cfg, decode))
+        return bind_dataset(cfg, identity[0]) if identity[0] is not None else cfg
 
     teacher_width, student_width = spec.widths()
     teachers = [parse_member(t, teacher_width) for t in spec.teachers]
@@ -112,13 +115,21 @@ def plan(spec: GridSpec) -> list[PlannedRun]:
     runs: list[PlannedRun] = []
     for seed in range(first_seed, first_seed + spec.seeds):
         runs += _seed_runs(spec, seed, teachers, students, make)
-    _warn_small_inputs([m for m, _ in (*teachers, *students)], identity[0].info["image_size"])
+    # Not identified (a dry run on data not decoded yet): the size policy, when set, says the size.
+    stored = identity[0].info["image_size"] if identity[0] is not None else [runs[0].cfg.image_size] * 2
+    if all(stored):
+        _warn_small_inputs([m for m, _ in (*teachers, *students)], input_size(runs[0].cfg, stored))
     # Teachers of every seed first, so a second process finds distillation work sooner.
     order = {"teacher": 0, "student": 1, "assistant": 2, "distill": 3}
     unique = {}
     for r in sorted(runs, key=lambda r: order[r.role]):
         unique.setdefault(r.run_id, r)  # a TAKD assistant can be the same run as a distilled student
     return list(unique.values())
+
+
+def provisional(runs: list[PlannedRun]) -> bool:
+    """True when a plan's configs are not bound to the data's content (a dry run on data not decoded yet)."""
+    return bool(runs) and runs[0].cfg.data_fingerprint is None
 
 
 def _seed_runs(spec: GridSpec, seed: int, teachers: list[tuple[str, float]], students: list[tuple[str, float]],
@@ -253,13 +264,13 @@ def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True
     it; a run another live process holds is left to it. Failed runs are not retried. Only what
     this process trained counts as trained; a run another process finished counts as skipped.
     """
-    from kdlab.data import load_dataset
+    from kdlab.data import dataset_for
     from kdlab.data.checks import check_unchanged
     from kdlab.store import Store
 
     if not runs:
         return {}
-    dataset = dataset or load_dataset(runs[0].cfg.dataset, runs[0].cfg.data_dir)
+    dataset = dataset or dataset_for(runs[0].cfg)
     check_unchanged(dataset, runs[0].cfg)
     store = Store(runs_dir)
     teachers: dict[str, Any] = {}
@@ -372,14 +383,14 @@ def run_with_workers(runs: list[PlannedRun], runs_dir: str | Path, workers: int,
     `worker_args`) on the same runs directory; returns this process's counts and how many
     workers failed. They share the work through the store's claims: on a CPU each uses a core,
     on a GPU several small models train at once (one process leaves the GPU mostly idle)."""
-    from kdlab.data import load_dataset
+    from kdlab.data import dataset_for
 
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     if not runs:
         return {}, 0
     # Load (or download, or generate) the data once, before the workers start, so they never race for it.
-    dataset = load_dataset(runs[0].cfg.dataset, runs[0].cfg.data_dir)
+    dataset = dataset_for(runs[0].cfg)
     command = [sys.executable, "-m", "kdlab.cli", "grid", *worker_args, "--workers", "1", "--quiet"]
     spawned = [subprocess.Popen(command, stdout=subprocess.DEVNULL) for _ in range(workers - 1)]
     counts = run_grid(runs, runs_dir, quiet=quiet, silent=silent, log=log, dataset=dataset)

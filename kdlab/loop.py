@@ -22,9 +22,10 @@ from torch import nn
 from kdlab import distributed, graphs, health
 from kdlab.checkpoints import CheckpointWriter, to_host
 from kdlab.config import Config
-from kdlab.data import load_dataset
+from kdlab.data import dataset_for
 from kdlab.data.datasets import Dataset
-from kdlab.data.loader import DeviceLoader, channel_stats
+from kdlab.data.loader import SplitLoader
+from kdlab.data.residency import input_size, make_loaders
 from kdlab.device import device_name, resolve_device, versions
 from kdlab.engine import Engine, Job, Setup, autocast_for, loss_scaler
 from kdlab.errors import RunBusy, UserError
@@ -59,21 +60,18 @@ def lr_factor(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> float
 
 def loader_key(cfg: Config) -> tuple:
     """Runs with equal keys see identical batches, so they can train side by side on one loader."""
-    return (cfg.dataset, cfg.data_dir, cfg.train_limit, cfg.test_limit, cfg.batch_size, cfg.eval_batch_size,
-            cfg.seed, cfg.augment, cfg.channels_last, cfg.precision, cfg.device)
+    return (cfg.dataset, cfg.data_dir, cfg.image_size, cfg.cache_dir, cfg.train_limit, cfg.test_limit, cfg.batch_size,
+            cfg.eval_batch_size, cfg.seed, cfg.augment, cfg.augmentation, cfg.crop_size, cfg.data_residency,
+            cfg.channels_last, cfg.precision, cfg.device)
 
 
 def build_loaders(cfg: Config, dataset: Dataset, device: torch.device,
-                  world: distributed.World | None = None) -> tuple[DeviceLoader, DeviceLoader]:
-    """The training and test loaders a config asks for (shared by every run with its loader_key);
-    in a run on several processes, this process's slice of every batch."""
-    mean, std = channel_stats(dataset.train.images)
+                  world: distributed.World | None = None) -> tuple[SplitLoader, SplitLoader]:
+    """The training and test loaders a config asks for (shared by every run with its loader_key), on
+    the device or streamed from the cache as `kdlab.data.residency` decides; in a run on several
+    processes, this process's slice of every batch."""
     shard = (world.rank, world.size) if world is not None else (0, 1)
-    common = dict(mean=mean, std=std, channels_last=cfg.channels_last, seed=cfg.seed, shard=shard)
-    train = DeviceLoader(dataset.train, cfg.batch_size, device, train=True, augment=cfg.augment,
-                         limit=cfg.train_limit, **common)
-    test = DeviceLoader(dataset.test, cfg.eval_batch_size, device, train=False, limit=cfg.test_limit, **common)
-    return train, test
+    return make_loaders(cfg, dataset, device, shard)
 
 
 def engine_device(cfg: Config) -> tuple[torch.device, torch.memory_format]:
@@ -183,7 +181,7 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
     try:
         writes = getattr(store, "is_writer", True)  # in a run on several processes, rank 0 keeps the claim
         with Heartbeat(store, [j.run_id for j in jobs], owner) if writes else nullcontext():
-            dataset = dataset or load_dataset(jobs[0].cfg.dataset, jobs[0].cfg.data_dir)
+            dataset = dataset or dataset_for(jobs[0].cfg)
             _train_group(jobs, store, writer, dataset, quiet, silent, world)
     except BaseException as e:
         writer.close()
@@ -223,7 +221,8 @@ def _train_group(jobs: list[Job], store: Store, writer: CheckpointWriter, datase
         job.s = build(job.cfg, dataset, job.teacher.model if job.teacher else None, sync_bn)
         job.timer = SegmentTimer(device)
         store.set_info(job.run_id, device=device_name(device), versions_json=versions(),
-                       **model_facts(job.s.student, dataset.train.images.shape[1:3], warn=not silent))
+                       **model_facts(job.s.student, input_size(job.cfg, dataset.train.images.shape[1:3]),
+                                     warn=not silent))
         job.log = start_loggers(job.cfg, job.run_id, job.label, store)
         job.start_epoch, job.history, job.elapsed = _resume(store, job.run_id, job.s, job.timer)
         job.progress = Progress(job.cfg.epochs, len(train_loader), train_loader.batch_size,
@@ -239,7 +238,7 @@ def _train_group(jobs: list[Job], store: Store, writer: CheckpointWriter, datase
         graphs.release_memory()
 
 
-def _train_epochs(jobs: list[Job], engine: Engine, train_loader: DeviceLoader, device: torch.device, store: Store,
+def _train_epochs(jobs: list[Job], engine: Engine, train_loader: SplitLoader, device: torch.device, store: Store,
                   writer: CheckpointWriter) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -285,7 +284,7 @@ def _teacher_share(job: Job, engine: Engine) -> float:
     return before + engine.teacher_time().get(id(job.teacher), 0.0) / students
 
 
-def _train_epoch(engine: Engine, jobs: list[Job], loader: DeviceLoader, group_timer: SegmentTimer, epoch: int,
+def _train_epoch(engine: Engine, jobs: list[Job], loader: SplitLoader, group_timer: SegmentTimer, epoch: int,
                  store: Store) -> None:
     engine.start_epoch(jobs, epoch)
     steps = len(loader)

@@ -12,6 +12,8 @@ from torch import nn
 
 from kdlab.config import Config
 from kdlab.data.datasets import Dataset
+from kdlab.data.loader import check_crop
+from kdlab.data.residency import input_size
 from kdlab.errors import UserError
 from kdlab.methods import METHODS
 from kdlab.models import create_model
@@ -21,7 +23,12 @@ from kdlab.models.weights import load_initial_weights
 
 def preflight(cfg: Config, dataset: Dataset, teacher: nn.Module | None) -> None:
     """Build what the run will build (on the CPU, RNG untouched) and check that it fits together."""
-    image_hw = tuple(dataset.train.images.shape[1:3])
+    stored = tuple(dataset.train.images.shape[1:3])
+    if cfg.image_size and stored != (cfg.image_size, cfg.image_size):
+        raise UserError(f"image_size={cfg.image_size} but the data's images are {stored[1]}x{stored[0]}: images given "
+                        "as arrays are used as they are; resize them, or leave image_size unset")
+    check_crop(stored, cfg.crop_size, cfg.augmentation)
+    image_hw = input_size(cfg, stored)
     n = dataset.num_classes
     if teacher is not None:
         name = getattr(teacher, "name", "") or cfg.teacher

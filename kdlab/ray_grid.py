@@ -66,7 +66,7 @@ def run_grid_ray(runs: list[PlannedRun], runs_dir: str | Path, address: str = "a
     `gpus_per_run` defaults to 1 on a cluster with GPUs and 0 without. Runs already done are
     skipped and failed ones are not run again, as in the local grid.
     """
-    from kdlab.data import load_dataset
+    from kdlab.data import dataset_for
 
     if retries < 0:
         raise UserError(f"--retries must be >= 0, got {retries}")
@@ -74,7 +74,7 @@ def run_grid_ray(runs: list[PlannedRun], runs_dir: str | Path, address: str = "a
         return {}
     ray = connect(address)
     gpus = _gpus_per_run(ray, gpus_per_run)
-    dataset = dataset or load_dataset(runs[0].cfg.dataset, runs[0].cfg.data_dir)
+    dataset = dataset or dataset_for(runs[0].cfg)
     runs_dir = Path(runs_dir).expanduser().resolve()  # the path every node must see
     Store(runs_dir).close()  # a bad runs dir fails here, in one line, as in the local grid
     writer = _start_writer(ray, runs_dir)

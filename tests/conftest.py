@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +14,11 @@ import torch
 
 # Tests are small: more threads than cores only adds contention on the 2-core CI machine.
 torch.set_num_threads(2)
+
+# Decoded datasets go to a cache of the session's own (subprocesses inherit it), never the user's.
+_CACHE = tempfile.mkdtemp(prefix="kdlab-test-cache-")
+os.environ["KDLAB_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 
 TINY = {"width": 0.0625, "train_limit": 256, "test_limit": 128, "batch_size": 64, "eval_batch_size": 128,
         "dataset": "synthetic"}

@@ -176,10 +176,20 @@ def test_pickle_cannot_run_code(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- cache
 
 
+def _entry(cache_dir: Path) -> Path:
+    """The one entry of a decoded cache (tests that decode one dataset into a cache of their own)."""
+    (entry,) = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
+    return entry
+
+
 def test_cache_is_used_then_rebuilt_when_a_source_changes(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
     arrays = write_fake_cifar(tmp_path)
     load_dataset("cifar10", tmp_path, download=False)
-    assert (tmp_path / "cifar-10-batches-py" / "kdlab-cache.npz").is_file()
+    # The cache lives in the cache dir, never beside the user's files.
+    assert sorted(p.name for p in (tmp_path / "cifar-10-batches-py").iterdir()) == sorted(
+        cifar.LAYOUTS["cifar10"].file_names())
+    assert (_entry(tmp_path / "cache") / "current.json").is_file()
 
     def no_parse(*args: object) -> None:
         raise AssertionError("parsed the pickles although the cache is valid")
@@ -192,13 +202,15 @@ def test_cache_is_used_then_rebuilt_when_a_source_changes(tmp_path: Path, monkey
     check_loaded(load_dataset("cifar10", tmp_path, download=False), new_arrays)
 
 
-def test_unreadable_cache_is_rebuilt(tmp_path: Path) -> None:
+def test_unreadable_cache_is_rebuilt(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("KDLAB_CACHE_DIR", str(tmp_path / "cache"))
     arrays = write_fake_cifar(tmp_path)
     load_dataset("cifar10", tmp_path, download=False)
-    cache = tmp_path / "cifar-10-batches-py" / "kdlab-cache.npz"
-    cache.write_bytes(cache.read_bytes()[:1000])
+    (data,) = _entry(tmp_path / "cache").glob("b-*/train.u8")
+    data.write_bytes(data.read_bytes()[:1000])  # truncated
     check_loaded(load_dataset("cifar10", tmp_path, download=False), arrays)
-    assert cache.stat().st_size > 1000
+    (_entry(tmp_path / "cache") / "current.json").write_text("{not json")
+    check_loaded(load_dataset("cifar10", tmp_path, download=False), arrays)
 
 
 # ---------------------------------------------------------------------------------------- download
@@ -399,9 +411,9 @@ def _empty_test(root: Path) -> None:
 @pytest.mark.parametrize("setup, message", [
     (_no_split_folders, "no train/ folder"),
     (_no_classes, "no class subfolders"),
-    (_no_test, "no test/ folder"),
+    (_no_test, r"no test/ \(or val/\) folder"),
     (_junk_image, r"cannot read the image .*img000\.png"),
-    (_empty_test, "test holds no PNG or JPEG images"),
+    (_empty_test, r"test/a holds no PNG or JPEG images; every class needs images in both splits"),
 ])
 def test_folder_problems_are_user_errors(tmp_path: Path, setup: Callable[[Path], None], message: str) -> None:
     root = tmp_path / "ds"
@@ -413,10 +425,11 @@ def test_folder_problems_are_user_errors(tmp_path: Path, setup: Callable[[Path],
 
 def test_folder_cache_reused_and_invalidated(tmp_path: Path, monkeypatch) -> None:
     write_folder(tmp_path, {"a": 2, "b": 2})
+    before = sorted(tmp_path.rglob("*"))
     first = load_dataset(str(tmp_path))
-    assert (tmp_path / ".kdlab-cache.npz").is_file()
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written into the user's folder
     with monkeypatch.context() as patch:
-        patch.setattr(folder, "_decode", lambda files: pytest.fail("decoded although cached"))
+        patch.setattr(folder, "decode_images", lambda *args: pytest.fail("decoded although cached"))
         assert np.array_equal(load_dataset(str(tmp_path)).train.images, first.train.images)
     Image.new("RGB", (24, 20), "red").save(tmp_path / "train" / "b" / "new.png")
     again = load_dataset(str(tmp_path))

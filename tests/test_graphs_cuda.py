@@ -250,9 +250,11 @@ def test_fast_group_of_nine_students_and_three_teachers(tmp_path):
         seconds = (time.perf_counter() - t0) / timed
         key = "graphs" if graphs else "eager"
         if graphs:  # issue 15, item 8: what the step's barrier (teachers first, then the students) costs
-            figures["teachers_only_s"] = _timed(lambda: [engine._run_teacher(t, n) for t, n in engine._needs], timed)
+            figures["teachers_only_s"] = _timed(
+                lambda engine=engine: [engine._run_teacher(t, n) for t, n in engine._needs], timed)
             needs, engine._needs = engine._needs, []  # students alone, reading the teachers' last outputs
-            figures["students_only_s"] = _timed(lambda: engine.step(jobs, batches[0], [0.1] * len(jobs)), timed)
+            figures["students_only_s"] = _timed(
+                lambda engine=engine, jobs=jobs, batch=batches[0]: engine.step(jobs, batch, [0.1] * len(jobs)), timed)
             engine._needs = needs
             figures["step_s"] = seconds
             figures["barrier_share"] = 1 - max(figures["teachers_only_s"], figures["students_only_s"]) / seconds

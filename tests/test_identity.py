@@ -47,7 +47,7 @@ def test_fingerprint_is_cached_beside_the_arrays(tmp_path, image_folder, monkeyp
     def no_decoding(*args, **kwargs):
         raise AssertionError("a cached fingerprint must not decode the images again")
 
-    monkeypatch.setattr("kdlab.data.folder._decode", no_decoding)
+    monkeypatch.setattr("kdlab.data.cache.build", no_decoding)
     assert identify_dataset(str(folder)) == first
 
 

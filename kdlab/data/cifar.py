@@ -1,4 +1,4 @@
-"""CIFAR-10 and CIFAR-100 in their official python layouts: download, verify, extract, read, cache.
+"""CIFAR-10 and CIFAR-100 in their official python layouts: download, verify, extract, read (into the decoded cache).
 
 The batch files are pickles, so they are read with an unpickler that only accepts the few numpy
 objects those files contain: a damaged or hostile file then fails with a clear error instead of
@@ -26,20 +26,12 @@ from typing import BinaryIO
 
 import numpy as np
 
-from kdlab.data.datasets import (
-    Dataset,
-    Split,
-    atomic_write,
-    decoded,
-    ensure_dir,
-    file_signature,
-    read_cache,
-    read_cached_identity,
-    write_cache,
-)
+from kdlab.data.cache import Plan
+from kdlab.data.cache import Source as CacheSource
+from kdlab.data.datasets import DataMissing, Signature, Split, atomic_write, ensure_dir
+from kdlab.data.decode import resize_arrays
 from kdlab.errors import UserError
 
-CACHE_NAME = "kdlab-cache.npz"
 DOWNLOAD_TIMEOUT = 60.0  # seconds without data before giving up; applies per read, not to the whole file
 _CHUNK = 1 << 20
 
@@ -85,9 +77,10 @@ SOURCES: dict[str, Source] = {
 }
 
 
-def load_cifar(key: str, data_dir: Path, download: bool = True, name: str | None = None,
-               remedy: str | None = None) -> Dataset:
-    """Load ``cifar10`` or ``cifar100`` from ``data_dir/<official folder>``, downloading it if allowed.
+def source(key: str, data_dir: Path, image_size: int = 0, *, download: bool = True, fetch: bool = True,
+           name: str | None = None, remedy: str | None = None) -> CacheSource:
+    """``cifar10`` or ``cifar100`` in ``data_dir/<official folder>`` as a cache source, downloaded
+    first if missing and allowed. Without `fetch`, missing files raise DataMissing instead.
 
     ``name`` overrides the dataset's name (the synthetic set reuses the CIFAR-10 layout), and
     ``remedy`` overrides the advice given when a file is damaged.
@@ -95,28 +88,27 @@ def load_cifar(key: str, data_dir: Path, download: bool = True, name: str | None
     layout = LAYOUTS[key]
     root = data_dir / layout.folder
     if not root.is_dir():
+        if not fetch:
+            raise DataMissing(f"{layout.title} is not in {data_dir} yet")
         _fetch(key, data_dir, download)
     if remedy is None:
         remedy = (f"delete {root} and run again to download it afresh" if download else
                   f"replace it from the official {layout.archive}, or delete {root} and allow downloading")
     paths = _existing_files(layout, root, remedy)
-    signature = file_signature(paths, root)
-    cached = read_cache(root / CACHE_NAME, signature)
-    if cached is None:
-        cached = decoded(*_read_layout(layout, root, remedy))
-        write_cache(root / CACHE_NAME, cached, signature)
-    return Dataset(name or key, cached.train, cached.test, cached.classes, cached.fingerprint)
+    signature = Signature("cifar", layout.folder).add_files(paths, root).hexdigest()
 
+    def prepare() -> Plan:
+        train, test, classes = _read_layout(layout, root, remedy)
+        splits = {"train": train, "test": test}
+        shape = (image_size, image_size) if image_size else train.images.shape[1:3]
 
-def cached_identity(key: str, data_dir: Path) -> tuple[str, dict] | None:
-    """The fingerprint and facts of ``cifar10``/``cifar100`` in ``data_dir`` from a current cache
-    (nothing decoded); None when the files or the cache are missing or stale."""
-    layout = LAYOUTS[key]
-    root = data_dir / layout.folder
-    paths = [root / f for f in layout.file_names()]
-    if not all(p.is_file() for p in paths):
-        return None
-    return read_cached_identity(root / CACHE_NAME, file_signature(paths, root))
+        def task(split: str, start: int, stop: int) -> tuple:
+            return resize_arrays, (splits[split].images[start:stop], image_size)
+
+        return Plan(classes, {k: v.labels for k, v in splits.items()}, shape, task, parallel=bool(image_size))
+
+    name = name or key
+    return CacheSource(key, str(root.resolve()), name, name, image_size, signature, prepare)
 
 
 def _existing_files(layout: Layout, root: Path, remedy: str) -> list[Path]:
@@ -227,7 +219,7 @@ def _read_layout(layout: Layout, root: Path, remedy: str) -> tuple[Split, Split,
 
 def _fetch(key: str, data_dir: Path, download: bool) -> None:
     """Make ``data_dir/<folder>`` exist: from an archive already in data_dir, or downloaded."""
-    layout, source = LAYOUTS[key], SOURCES[key]
+    layout, origin = LAYOUTS[key], SOURCES[key]
     archive = data_dir / layout.archive
     if not archive.is_file():
         if not download:
@@ -235,11 +227,11 @@ def _fetch(key: str, data_dir: Path, download: bool) -> None:
                             f"{data_dir / layout.folder} (or {layout.archive} in {data_dir}); put it there, "
                             "allow downloading, or pass --data-dir")
         ensure_dir(data_dir)
-        download_file(source.url, archive, source.md5, layout, data_dir)
+        download_file(origin.url, archive, origin.md5, layout, data_dir)
     else:
         got = _file_md5(archive)
-        if got != source.md5:
-            raise UserError(f"checksum mismatch for {archive}: expected MD5 {source.md5}, got {got}; "
+        if got != origin.md5:
+            raise UserError(f"checksum mismatch for {archive}: expected MD5 {origin.md5}, got {got}; "
                             "delete it and run again to download it afresh")
     extract_archive(archive, data_dir, layout.folder)
 

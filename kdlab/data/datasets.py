@@ -1,10 +1,13 @@
-"""Dataset containers, the data directory and the one entry point that loads a dataset by name.
+"""Dataset containers, the data and cache directories, and the entry points that load or identify
+a dataset by name.
 
-Every dataset is held as uint8 HWC images and int64 labels in numpy arrays; turning them into
-tensors (and moving them to the GPU) is the loader's job, not this layer's. A dataset's
+Every dataset is held as uint8 HWC images and int64 labels in numpy arrays; for datasets kdlab
+reads from files (CIFAR, folders, Hugging Face datasets) the images are memory-mapped from the
+decoded cache (`kdlab.data.cache`), so a dataset of any size costs no memory until its pixels are
+read. Turning them into tensors (and moving them to the device) is the loader's job. A dataset's
 *fingerprint* is a hash of that content (`fingerprint_arrays`): what a run was trained on, whatever
-the folder is called or where it lies. It is computed once, when the files are decoded, and kept
-in the dataset's cache beside the arrays.
+the folder is called or where it lies. It is computed once, while the files are decoded, and kept in
+the cache beside the pixels.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from kdlab.data.pixels import channel_stats
 from kdlab.errors import UserError
 
 BUILTIN_NAMES = ("cifar10", "cifar100", "synthetic")
+HF_PREFIX = "hf:"  # --dataset hf:PATH_OR_NAME: a Hugging Face dataset (kdlab.data.hf)
 
-# Bumped whenever the cache layout changes, so that old caches are rebuilt instead of misread.
-# 2: the content's fingerprint and facts (image size, counts) are kept beside the arrays.
-CACHE_VERSION = 2
+
+class DataMissing(UserError):
+    """The dataset's files are not there (yet): a dry run plans without them, anything else stops."""
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,19 @@ class Dataset:
     test: Split
     classes: list[str]
     known_fingerprint: str = field(default="", repr=False)  # from the cache, when the loader had it
+    known_stats: tuple[list[float], list[float]] | None = field(default=None, repr=False)  # likewise
+    cache_path: str = field(default="", repr=False)  # the decoded cache's folder ('' for arrays in memory)
 
     @functools.cached_property
     def fingerprint(self) -> str:
         """Hash of the images, labels and class names of both splits (see `fingerprint_arrays`)."""
         return self.known_fingerprint or fingerprint_arrays(self.train, self.test, self.classes)
+
+    @functools.cached_property
+    def stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and standard deviation (0-1 scale) of the training images: what every
+        split is normalised with. Kept in the cache; computed in bounded chunks otherwise."""
+        return self.known_stats or channel_stats(self.train.images)
 
     def __post_init__(self) -> None:
         if self.train.images.shape[1:] != self.test.images.shape[1:]:
@@ -83,181 +96,182 @@ class Dataset:
 def default_data_dir() -> Path:
     """Where datasets live by default: ``$KDLAB_DATA_DIR``, else ``$XDG_CACHE_HOME/kdlab/data``,
     else ``~/.cache/kdlab/data``."""
-    explicit = os.environ.get("KDLAB_DATA_DIR")
+    return _cache_home("KDLAB_DATA_DIR", "data")
+
+
+def default_cache_dir() -> Path:
+    """Where decoded datasets are cached by default: ``$KDLAB_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/kdlab/decoded``, else ``~/.cache/kdlab/decoded`` (beside the data dir's
+    default, and never inside a dataset's own folder, which may be read-only or shared)."""
+    return _cache_home("KDLAB_CACHE_DIR", "decoded")
+
+
+def _cache_home(variable: str, leaf: str) -> Path:
+    explicit = os.environ.get(variable)
     if explicit:
         return Path(explicit).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     # The XDG spec says relative values are invalid and must be ignored.
     if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "kdlab" / "data"
-    return Path.home() / ".cache" / "kdlab" / "data"
+        return Path(xdg) / "kdlab" / leaf
+    return Path.home() / ".cache" / "kdlab" / leaf
 
 
-def _locate(name: str, data_dir: Path | str | None) -> tuple[str, Path]:
-    """('cifar10' | 'cifar100' | 'synthetic' | 'folder', where its files are) for a dataset name."""
+def _locate(name: str, data_dir: Path | str | None) -> tuple[str, Path | str]:
+    """('cifar10' | 'cifar100' | 'synthetic' | 'folder' | 'hf', where its files are) for a dataset name."""
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     key = name.strip().lower()
     if key in ("cifar10", "cifar100"):
         return key, root
     if key == "synthetic":
         return key, root / "synthetic"
+    if name.startswith(HF_PREFIX):
+        return "hf", name[len(HF_PREFIX):]
     path = Path(name).expanduser()
     if path.is_dir():
         return "folder", path
     if os.sep in name or "/" in name or name.startswith((".", "~")):
-        raise UserError(f"dataset folder {path} does not exist")
-    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(BUILTIN_NAMES)}, "
-                    "or give the path to a folder with train/<class>/ and test/<class>/ images")
+        raise DataMissing(f"dataset folder {path} does not exist")
+    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(BUILTIN_NAMES)}, give the path to a "
+                    "folder with train/<class>/ and test/<class>/ (or val/<class>/) images, or hf:PATH_OR_NAME "
+                    "for a Hugging Face dataset")
 
 
-def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = True) -> Dataset:
-    """Load ``cifar10``, ``cifar100``, ``synthetic`` or a folder of images by path.
+def data_source(name: str, data_dir: Path | str | None = None, *, image_size: int = 0, download: bool = True,
+                fetch: bool = True) -> Any:
+    """The `kdlab.data.cache.Source` of a dataset name: what its files are now and how to decode them.
+    With `fetch` false nothing is downloaded or generated: missing files raise `DataMissing`."""
+    # Imported here because these modules import Split and Dataset from this one.
+    from kdlab.data import cifar, folder, hf, synthetic
+
+    if image_size < 0:
+        raise UserError(f"image_size must be >= 0 (0: the images' own size), got {image_size}")
+    kind, where = _locate(name, data_dir)
+    if kind == "synthetic":
+        return synthetic.source(Path(where), image_size, generate=fetch)
+    if kind == "folder":
+        return folder.source(Path(where), image_size)
+    if kind == "hf":
+        return hf.source(str(where), image_size)
+    return cifar.source(kind, Path(where), image_size, download=download and fetch, fetch=fetch)
+
+
+def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = True, *, image_size: int = 0,
+                 cache_dir: Path | str | None = None) -> Dataset:
+    """Load ``cifar10``, ``cifar100``, ``synthetic``, a folder of images by path, or ``hf:PATH_OR_NAME``.
 
     ``data_dir`` defaults to :func:`default_data_dir`. CIFAR archives are downloaded into it when
     missing and ``download`` is true; ``synthetic`` is generated into ``data_dir/synthetic``.
-    A folder must hold ``train/<class>/*`` and ``test/<class>/*`` (PNG or JPEG). Problems with the
-    user's files raise :class:`~kdlab.errors.UserError`.
+    A folder must hold ``train/<class>/*`` and ``test/<class>/*`` (or ``val/<class>/*``), PNG or
+    JPEG. ``image_size`` S > 0 stores every image at S x S (shorter side to S, centre crop), which
+    images of different sizes need. The images are decoded once into ``cache_dir`` (default
+    :func:`default_cache_dir`) and memory-mapped from there. Problems with the user's files raise
+    :class:`~kdlab.errors.UserError`.
     """
-    # Imported here because these modules import Split and Dataset from this one.
-    from kdlab.data import cifar, folder, synthetic
+    from kdlab.data import cache
 
-    kind, where = _locate(name, data_dir)
-    if kind == "synthetic":
-        return synthetic.load_synthetic(where)
-    if kind == "folder":
-        return folder.load_folder(where)
-    return cifar.load_cifar(kind, where, download=download)
+    return cache.load(data_source(name, data_dir, image_size=image_size, download=download), cache_dir)
 
 
 @dataclass(frozen=True)
 class DataIdentity:
     """What a run is trained on: where (`location`), what (`fingerprint`), and a description (`info`)."""
 
-    location: str  # a built-in dataset's name, or a folder's absolute path: where, not what
+    location: str  # a built-in dataset's name, a folder's absolute path, hf:...: where, not what
     fingerprint: str  # `fingerprint_arrays` of the content: what the run's identity covers
     info: dict[str, Any]  # name (for people), image_size [h, w], classes, train and test image counts
 
 
-def identify_dataset(name: str, data_dir: Path | str | None = None) -> DataIdentity:
-    """The dataset's identity: read from its cache when its files are unchanged (no decoding),
-    otherwise by loading it once, which decodes (or downloads) it and writes that cache."""
-    from kdlab.data import cifar, folder, synthetic
+def identify_dataset(name: str, data_dir: Path | str | None = None, *, image_size: int = 0,
+                     cache_dir: Path | str | None = None, decode: bool = True) -> DataIdentity | None:
+    """The dataset's identity: read from its decoded cache when its files are unchanged (no decoding),
+    otherwise by loading it once, which decodes (or downloads) it into that cache. With `decode`
+    false, None instead of decoding, downloading or generating anything (a dry run's plan)."""
+    from kdlab.data import cache
 
-    kind, where = _locate(name, data_dir)
-    if kind == "folder":
-        where = where.resolve()
-        location, display, found = str(where), where.name, folder.cached_identity(where)
-    elif kind == "synthetic":
-        location, display, found = kind, kind, synthetic.cached_identity(where)
-    else:
-        location, display, found = kind, kind, cifar.cached_identity(kind, where)
+    try:
+        source = data_source(name, data_dir, image_size=image_size, fetch=decode)
+    except DataMissing:
+        if decode:
+            raise
+        return None
+    found = cache.identity(source, cache_dir)
     if found is None:
-        dataset = load_dataset(name, data_dir)
+        if not decode:
+            return None
+        dataset = cache.load(source, cache_dir)
         found = dataset.fingerprint, content_facts(dataset.train, dataset.test, dataset.classes)
     fingerprint, facts = found
-    return DataIdentity(location, fingerprint, {"name": display, **facts})
+    return DataIdentity(source.location, fingerprint, {"name": source.name, **facts})
 
 
-def ensure_dir(path: Path) -> None:
+def ensure_dir(path: Path, what: str = "the data folder", remedy: str = "pass another --data-dir") -> None:
     """Create ``path`` (and parents), turning permission and similar problems into a UserError."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create the data folder {path} ({exc.strerror or exc}); "
-                        "pass another --data-dir") from None
+        raise UserError(f"cannot create {what} {path} ({exc.strerror or exc}); {remedy}") from None
 
 
-def file_signature(paths: list[Path], base: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Names relative to ``base`` and (size, mtime_ns) of each file: a cache is valid while these match."""
-    names = np.array([p.relative_to(base).as_posix() for p in paths], dtype=str)
-    stats = np.zeros((len(paths), 2), dtype=np.int64)
-    for i, path in enumerate(paths):
-        st = path.stat()
-        stats[i] = (st.st_size, st.st_mtime_ns)
-    return names, stats
+class Signature:
+    """A digest of what a dataset's files are now (names, sizes, modification times), built one
+    file at a time: its decoded cache is current while the digest is the same."""
+
+    def __init__(self, *parts: Any):
+        self._hash = hashlib.sha256(json.dumps(parts).encode())
+
+    def add(self, name: str, stat: os.stat_result) -> None:
+        self._hash.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+
+    def add_files(self, paths: list[Path], base: Path) -> Signature:
+        for path in paths:
+            self.add(path.relative_to(base).as_posix(), path.stat())
+        return self
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class Fingerprint:
+    """`fingerprint_arrays`, fed piece by piece in the same order (arrays' headers, their bytes, the
+    class names), so that a dataset decoded chunk by chunk gets the fingerprint its whole arrays would."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def header(self, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self._hash.update(f"{np.dtype(dtype).str}{tuple(shape)};".encode())
+
+    def update(self, data: Any) -> None:
+        self._hash.update(data)
+
+    def array(self, array: np.ndarray) -> None:
+        self.header(array.dtype, array.shape)
+        self.update(np.ascontiguousarray(array).data)
+
+    def classes(self, classes: list[str]) -> str:
+        """Add the class names (last) and return the 16-hex-digit fingerprint."""
+        self._hash.update(json.dumps(list(classes)).encode())
+        return self._hash.hexdigest()[:16]
 
 
 def fingerprint_arrays(train: Split, test: Split, classes: list[str]) -> str:
     """A 16-hex-digit SHA-256 of the content: both splits' images and labels (with their shapes)
     and the class names. Equal for the same images anywhere; different if one pixel or label differs."""
-    digest = hashlib.sha256()
+    fingerprint = Fingerprint()
     for array in (train.images, train.labels, test.images, test.labels):
-        digest.update(f"{array.dtype.str}{array.shape};".encode())
-        digest.update(np.ascontiguousarray(array).data)
-    digest.update(json.dumps(list(classes)).encode())
-    return digest.hexdigest()[:16]
+        fingerprint.array(array)
+    return fingerprint.classes(classes)
 
 
 def content_facts(train: Split, test: Split, classes: list[str]) -> dict[str, Any]:
     """What a report says about the data: image size (height, width), class count, split sizes."""
-    return {"image_size": list(train.images.shape[1:3]), "classes": len(classes), "train": len(train),
-            "test": len(test)}
+    return facts(train.images.shape[1:3], len(classes), len(train), len(test))
 
 
-@dataclass(frozen=True)
-class Cached:
-    """What a dataset's cache holds: the splits, class names, fingerprint and facts of its files."""
-
-    train: Split
-    test: Split
-    classes: list[str]
-    fingerprint: str
-
-
-@contextmanager
-def _current_cache(path: Path, signature: tuple[np.ndarray, np.ndarray]) -> Iterator[Any]:
-    """The cache's npz while it is current for these files (else None); members load only when read."""
-    # Open the file ourselves: np.load leaks its handle when the zip is damaged.
-    with open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
-        names, stats = signature
-        current = (int(npz["version"]) == CACHE_VERSION and np.array_equal(npz["sig_names"], names)
-                   and np.array_equal(npz["sig_stats"], stats))
-        yield npz if current else None
-
-
-def read_cache(path: Path, signature: tuple[np.ndarray, np.ndarray]) -> Cached | None:
-    """Return the cached content, or None if the cache is missing, stale or unreadable."""
-    try:
-        with _current_cache(path, signature) as npz:
-            if npz is None:
-                return None
-            train = Split(npz["train_images"], npz["train_labels"])
-            test = Split(npz["test_images"], npz["test_labels"])
-            return Cached(train, test, [str(c) for c in npz["classes"]], str(npz["fingerprint"]))
-    except Exception:
-        # Any failure (truncated zip, missing key, wrong dtype...) just means: rebuild from the source.
-        return None
-
-
-def read_cached_identity(path: Path, signature: tuple[np.ndarray, np.ndarray]) -> tuple[str, dict[str, Any]] | None:
-    """The fingerprint and facts of a current cache, without reading its arrays; None if there is none."""
-    try:
-        with _current_cache(path, signature) as npz:
-            return None if npz is None else (str(npz["fingerprint"]), json.loads(str(npz["facts"])))
-    except Exception:
-        return None
-
-
-def write_cache(path: Path, content: Cached, signature: tuple[np.ndarray, np.ndarray]) -> None:
-    """Write the cache atomically; a read-only folder or a full disk just means no cache."""
-    names, stats = signature
-    train, test = content.train, content.test
-    facts = content_facts(train, test, content.classes)
-    try:
-        with atomic_write(path) as f:
-            # Uncompressed on purpose: loading 180 MB of raw uint8 is faster than inflating it.
-            np.savez(f, version=np.int64(CACHE_VERSION), sig_names=names, sig_stats=stats,
-                     train_images=train.images, train_labels=train.labels,
-                     test_images=test.images, test_labels=test.labels,
-                     classes=np.array(content.classes, dtype=str), fingerprint=np.array(content.fingerprint),
-                     facts=np.array(json.dumps(facts)))
-    except OSError:
-        pass  # the cache only saves time
-
-
-def decoded(train: Split, test: Split, classes: list[str]) -> Cached:
-    """Freshly decoded content, fingerprinted (the one time its bytes are hashed)."""
-    return Cached(train, test, classes, fingerprint_arrays(train, test, classes))
+def facts(image_size: Any, classes: int, train: int, test: int) -> dict[str, Any]:
+    """`content_facts` from the numbers themselves (the cache knows them without the arrays)."""
+    return {"image_size": [int(v) for v in image_size], "classes": classes, "train": train, "test": test}
 
 
 @contextmanager

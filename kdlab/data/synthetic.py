@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kdlab.data.cifar import LAYOUTS, load_cifar, safe_load_pickle
-from kdlab.data.cifar import cached_identity as cifar_identity
-from kdlab.data.datasets import Dataset, atomic_write, ensure_dir
+from kdlab.data.cache import Source
+from kdlab.data.cifar import LAYOUTS, safe_load_pickle
+from kdlab.data.cifar import source as cifar_source
+from kdlab.data.datasets import DataMissing, atomic_write, ensure_dir
 from kdlab.errors import UserError
 
 # Written into batches.meta; bump it when the generator changes so stale copies are regenerated.
@@ -71,19 +72,17 @@ def write_synthetic_cifar(root: Path, n_train: int = 2000, n_test: int = 500, nu
     return folder
 
 
-def load_synthetic(root: Path) -> Dataset:
-    """Generate the default synthetic set under ``root`` unless a current copy is there, then read it
-    back through the CIFAR-10 reader, so that demos exercise the real reading path."""
+def source(root: Path, image_size: int = 0, generate: bool = True) -> Source:
+    """The synthetic set under ``root`` as a cache source, generated first unless a current copy is
+    there (without `generate`: DataMissing), and read through the CIFAR-10 reader, so that demos
+    exercise the real reading path."""
     folder = root / LAYOUTS["cifar10"].folder
     if not _is_current(folder):
+        if not generate:
+            raise DataMissing(f"the synthetic dataset is not generated in {root} yet")
         write_synthetic_cifar(root)
-    return load_cifar("cifar10", root, download=False, name="synthetic",
-                      remedy=f"delete {folder} and run again to regenerate it")
-
-
-def cached_identity(root: Path) -> tuple[str, dict] | None:
-    """The synthetic set's fingerprint and facts from its cache, if a current copy is under ``root``."""
-    return cifar_identity("cifar10", root) if _is_current(root / LAYOUTS["cifar10"].folder) else None
+    return cifar_source("cifar10", root, image_size, download=False, name="synthetic",
+                        remedy=f"delete {folder} and run again to regenerate it")
 
 
 def _is_current(folder: Path) -> bool:

@@ -189,8 +189,10 @@ def measure_run(store: Store, spec: str, batches: list[int], threads: list[int],
     runtimes = runtimes or set(RUNTIMES)
     entries = []
     if "torch" in runtimes:
+        from kdlab.data.residency import input_size
+
         images = dataset_of(record.config, data_dir).test.images
-        shape = (images.shape[3], images.shape[1], images.shape[2])
+        shape = (images.shape[3], *input_size(record.config, images.shape[1:3]))
         mine = torch_latency(load_run_model(record, store.root), shape, batches, threads, seconds)
         save_latency(artifact_dir(store.root, record.run_id), mine)
         entries += mine

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdlab.data import Dataset, load_dataset
-from kdlab.data.loader import Batch, DeviceLoader, channel_stats
+from kdlab.data import Dataset, dataset_for
+from kdlab.data.loader import Batch, SplitLoader
+from kdlab.data.residency import eval_loader
 from kdlab.deploy import require
 from kdlab.errors import UserError
 
@@ -45,24 +46,25 @@ def run_logits(sess: Any, x: torch.Tensor) -> np.ndarray:
 
 def dataset_of(config: dict[str, Any], data_dir: str | None = None) -> Dataset:
     """The dataset a run was trained on (from `data_dir` when given: the data may have moved)."""
-    return load_dataset(config["dataset"], data_dir or config.get("data_dir"))
+    return dataset_for(config, data_dir)
 
 
 def normalisation(dataset: Dataset) -> tuple[list[float], list[float]]:
     """Per-channel mean and std (0-1 scale) the run's images were normalised with in training."""
-    return channel_stats(dataset.train.images)
+    return dataset.stats
 
 
-def _loader(dataset: Dataset, train_split: bool, batch: int, limit: int) -> DeviceLoader:
+def _loader(dataset: Dataset, train_split: bool, batch: int, limit: int, crop_size: int) -> SplitLoader:
     mean, std = normalisation(dataset)
     split = dataset.train if train_split else dataset.test
-    return DeviceLoader(split, batch, CPU, train=False, mean=mean, std=std, limit=limit)
+    return eval_loader(split, batch, CPU, mean=mean, std=std, limit=limit, crop_size=crop_size)
 
 
-def evaluation_loader(config: dict[str, Any], dataset: Dataset) -> DeviceLoader:
-    """The run's test set (its test_limit applied), in evaluation batches."""
+def evaluation_loader(config: dict[str, Any], dataset: Dataset) -> SplitLoader:
+    """The run's test set (its test_limit applied), in evaluation batches (centre crops when the run
+    trained on crops)."""
     return _loader(dataset, False, int(config.get("eval_batch_size") or 1000),
-                   int(config.get("test_limit") or 0))
+                   int(config.get("test_limit") or 0), int(config.get("crop_size") or 0))
 
 
 def train_size(config: dict[str, Any], dataset: Dataset) -> int:
@@ -71,13 +73,13 @@ def train_size(config: dict[str, Any], dataset: Dataset) -> int:
     return min(limit, len(dataset.train)) if limit else len(dataset.train)
 
 
-def calibration_loader(config: dict[str, Any], dataset: Dataset, count: int) -> DeviceLoader:
+def calibration_loader(config: dict[str, Any], dataset: Dataset, count: int) -> SplitLoader:
     """The first `count` training images of the run, unaugmented: what int8 ranges are set from."""
     available = train_size(config, dataset)
     if not 1 <= count <= available:
         raise UserError(f"--calibration must be between 1 and the {available} training images of the run, "
                         f"got {count}")
-    return _loader(dataset, True, min(CALIBRATION_BATCH, count), count)
+    return _loader(dataset, True, min(CALIBRATION_BATCH, count), count, int(config.get("crop_size") or 0))
 
 
 def real_rows(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,17 +89,17 @@ def real_rows(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return batch.x[batch.mask], batch.y[batch.mask]
 
 
-def images(loader: DeviceLoader) -> list[np.ndarray]:
+def images(loader: SplitLoader) -> list[np.ndarray]:
     """A split's images, batch by batch, as the float32 arrays ONNX Runtime takes."""
     return [real_rows(b)[0].numpy() for b in loader.epoch(0)]
 
 
-def first_batch(loader: DeviceLoader, size: int = 256) -> torch.Tensor:
+def first_batch(loader: SplitLoader, size: int = 256) -> torch.Tensor:
     """Up to `size` images from the start of a split (the check batch of an export)."""
     return real_rows(next(loader.epoch(0)))[0][:size]
 
 
-def accuracy(sess: Any, loader: DeviceLoader) -> float:
+def accuracy(sess: Any, loader: SplitLoader) -> float:
     """Top-1 accuracy (percent) of an ONNX model over a whole split."""
     correct = 0
     for batch in loader.epoch(0):
