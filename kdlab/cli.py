@@ -308,7 +308,7 @@ def _grid(args: argparse.Namespace) -> int:
     from kdlab import distributed
     from kdlab.api import default_runs_dir
     from kdlab.deploy.compress import compress_grid, parse_compress, plan_lines
-    from kdlab.grid import GridSpec, plan, run_with_workers, states
+    from kdlab.grid import GridSpec, log_finished_runs, plan, run_with_workers, states
     from kdlab.store import DB_NAME, Store
 
     if distributed.current() is not None:
@@ -338,6 +338,7 @@ def _grid(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs planned in {runs_dir}")
         return 0
     log, failed_workers = echo, 0
+    log_finished_runs(runs, runs_dir)  # --mlflow on runs finished before: their stored records
     if args.ray:
         from kdlab.ray_grid import run_grid_ray
 
