@@ -292,9 +292,12 @@ def _print_record(record: Any) -> int:
     print(f"checkpoint {record.checkpoint}")
     if record.diverged:
         # Finished, but not a result: say so last, where it is read, and exit non-zero for scripts.
-        why = record.health.partition(": ")[2]
-        print(f"run {record.run_id} DIVERGED: {why}; its accuracy is not a result (the report lists it as "
-              "diverged): lower the lr or the method's loss weights")
+        from kdlab.health import advice
+
+        kind, _, why = record.health.partition(": ")
+        tail = "" if kind == "test at chance" else f": {advice(record.health)}"  # its cause says what to do
+        print(f"run {record.run_id} {kind.upper()}: {why}; its accuracy is not a result (the report lists it as "
+              f"{kind}){tail}")
         return 1
     return 0
 
