@@ -99,21 +99,21 @@ def _momenta(model: str, width: float, model_args: str, num_classes: int) -> tup
     return tuple(m.momentum for m in batchnorms(built))
 
 
-def describe(model: nn.Module, cfg: Config, steps: int) -> str | None:
-    """What kdlab knows of the model's evaluation statistics, for the health check's message: re-
-    estimated, or how much of the initial statistics the running ones still hold. None without
-    BatchNorm."""
+def describe(model: nn.Module, cfg: Config, steps: int) -> str:
+    """The likely cause of a test accuracy at chance after training far above it, from what kdlab knows
+    of the model's evaluation statistics (for the health check's message)."""
+    elsewhere = ("so look elsewhere: test images unlike the training images (another source, size or "
+                 "labelling), or a layer that behaves differently in eval mode")
     layers = batchnorms(model)
     if not layers:
-        return None
+        return f"it has no BatchNorm statistics to blame, {elsewhere}"
     if resolve(cfg) == "train":
-        return "its BatchNorm statistics were re-estimated on the training set before each evaluation"
+        return f"its BatchNorm statistics were re-estimated on the training set before each evaluation, {elsewhere}"
     momenta = [m.momentum for m in layers]
     left = initial_weight(momenta, steps)
     lowest = min((m for m in momenta if m is not None), default=None)
     if lowest is None or left <= UNSETTLED:
-        return (f"its BatchNorm running statistics should have settled (momentum {lowest:g}, {steps} steps), so "
-                "the test data may differ from the training data" if lowest is not None else None)
+        return f"its BatchNorm running statistics should have settled ({steps} training steps), {elsewhere}"
     return (f"its BatchNorm running statistics never settled: momentum {lowest:g} over {steps} training steps "
             f"leaves {100 * left:.0f}% of the initial statistics in them; re-estimate them on the training set "
             "with --set bn_stats=train")

@@ -89,3 +89,13 @@ def test_a_mobilenet_at_chance_is_flagged_and_auto_evaluates_the_model_that_trai
     for a, b in zip(fixed.history, stuck.history, strict=True):
         assert (a["train_loss"], a["train_acc"]) == (b["train_loss"], b["train_acc"])
     assert fixed.final_acc > 80 and fixed.health == "ok"
+
+
+def test_the_likely_cause_of_a_test_at_chance_depends_on_the_model():
+    cfg = build_config("smoke", "resnet18", overrides={"width": 0.0625, "dataset": "synthetic"})
+    slow = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.01))
+    assert bnstats.describe(slow, cfg, 30).startswith(
+        "its BatchNorm running statistics never settled: momentum 0.01 over 30 training steps leaves 74%")
+    assert "should have settled (500 training steps), so look elsewhere" in bnstats.describe(slow, cfg, 500)
+    assert "re-estimated on the training set" in bnstats.describe(slow, dataclasses.replace(cfg, bn_stats="train"), 30)
+    assert bnstats.describe(nn.Linear(2, 2), cfg, 30).startswith("it has no BatchNorm statistics to blame")
