@@ -5,7 +5,11 @@
 #     mkdir -p .data && cp -r ../shared/datasets/cifar10-jpeg .data/ && echo /.data/ >> .git/info/exclude
 # Then device calls with carry [".data"], one or more stages each, e.g. `bash benchmarks/gpu_check.sh check grid`
 # (the first call of a session: about 10 minutes; then `bench` if 4 minutes are left):
-#     check   CUDA-graph capture of every method, streams vs eager (tests/test_graphs_cuda.py) <=1.5 min
+#     check   tests/test_graphs_cuda.py: every method captured and free of host syncs, a graphed group on
+#             streams = eager runs alone (losses, evaluation, weights, momenta), a shared teacher
+#             whose students change, memory flat per epoch and back after a group, and the
+#             9-student + 3-teacher fast group's peak memory and steps/s with graphs on and off
+#             (check-figures.json)                                                          <=2 min
 #     bench   `kdlab bench` throughput (3 models x 2 widths, compile time beside speed) and KD cost
 #             (per pair, and each teacher's 3 students side by side vs alone)                  ~4 min
 #     grid    the 15-run study, fast preset, one seed: JPEG archive -> decoded data -> grid -> report,
@@ -34,7 +38,8 @@ for stage in $stages; do
 echo "=== stage $stage"
 case "$stage" in
 check)
-    timeout ${CHECK_S:-90} python3 -m pytest -q -p no:cacheprovider tests/test_graphs_cuda.py 2>&1 | tee "$OUT/check.log"
+    KDLAB_CHECK_OUT="$OUT" timeout ${CHECK_S:-120} python3 -m pytest -q -p no:cacheprovider -rA --durations=0 \
+        tests/test_graphs_cuda.py 2>&1 | tee "$OUT/check.log"
     echo "graphs test exit: ${PIPESTATUS[0]}" | tee -a "$OUT/check.log"
     ;;
 bench)
@@ -45,7 +50,7 @@ bench)
     ;;
 grid)
     t0=$(date +%s); decode; t1=$(date +%s)
-    timeout ${GRID_S:-470} python3 -m kdlab.cli grid --preset $PRESET $EXTRA --data-dir .data --runs-dir "$RUNS" --quiet 2>&1 | tee "$OUT/grid.log"
+    timeout ${GRID_S:-430} python3 -m kdlab.cli grid --preset $PRESET $EXTRA --data-dir .data --runs-dir "$RUNS" --quiet 2>&1 | tee "$OUT/grid.log"
     echo "grid exit: ${PIPESTATUS[0]}" | tee -a "$OUT/grid.log"
     t2=$(date +%s)
     timeout 60 python3 -m kdlab.cli report --runs-dir "$RUNS" --compare-paper > "$OUT/study.md"

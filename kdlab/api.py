@@ -29,7 +29,7 @@ from kdlab.models.module_source import as_model, module_name, register_module
 from kdlab.models.weights import file_identity, load_state, plain_state, read_checkpoint
 from kdlab.preflight import preflight
 from kdlab.progress import live_session
-from kdlab.store import DB_NAME, RunRecord, Store
+from kdlab.store import DB_NAME, RunRecord, Store, check_checkpoint
 
 
 def default_runs_dir() -> Path:
@@ -221,6 +221,7 @@ def _teacher_from_file(path: Path, model_name: str | None, width: float | None,
         return FoundTeacher(as_model(ckpt, name, getattr(ckpt, "num_classes", None)), identity, path, None)
     state, config = plain_state(ckpt), None
     if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+        check_checkpoint(ckpt, path)
         info, state, config = ckpt["model"], ckpt["student"], ckpt.get("config")
         if model_name and model_name != info["name"]:
             raise UserError(f"checkpoint {path} holds a {info['name']}, not a {model_name}")

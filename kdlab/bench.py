@@ -78,14 +78,16 @@ def eager_baseline(cfg: Config, dataset: Dataset, warmup: int, steps: int) -> fl
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     x = torch.randn(cfg.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, dataset.num_classes, (cfg.batch_size,), device=device)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     def step(_: int) -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=cfg.precision == "bf16"):
+        with torch.autocast(device.type, dtype=dtype, enabled=cfg.precision in ("bf16", "fp16")):
             loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
     return _time_steps(step, device, warmup, steps)[0]
 
@@ -124,8 +126,10 @@ def group_step_time(cfgs: list[Config], dataset: Dataset, warmup: int, steps: in
     seconds, warm_s = _time_steps(step, device, warmup, steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     fallbacks = [c.fallback for j in jobs for c in (j.train_step,) if c.fallback]
+    graphed = engine.graphs and not fallbacks
+    engine.close()
     return {"step_s": seconds, "compile_s": max(0.0, warm_s - warmup * seconds), "peak_mem_bytes": peak,
-            "graphs": engine.graphs and not fallbacks, "fallbacks": fallbacks}
+            "graphs": graphed, "fallbacks": fallbacks}
 
 
 def train_flops(cfg: Config, num_classes: int = 10) -> float:

@@ -206,13 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command("models")
 def _models(args: argparse.Namespace) -> int:
-    from kdlab.models.listing import describe, print_table, source_names
+    from kdlab.models.listing import describe, print_sources, print_table
 
     if args.all:
-        for prefix, names in source_names().items():
-            print(f"{prefix}: {len(names)} models" if names else f"{prefix}: none available")
-            for name in names:
-                print(f"  {prefix}:{name}")
+        print_sources()
         return 0
     try:
         widths = [float(w) for w in args.widths.split(",")]
@@ -386,15 +383,17 @@ def _report(args: argparse.Namespace) -> int:
     from kdlab.api import default_runs_dir
     from kdlab.deploy.table import deployment_over, with_deployment, write_deployment
     from kdlab.merge import report_over
+    from kdlab.outputs import writable_dir
     from kdlab.report import render, write_report
 
+    out = writable_dir(args.out, "--out") if args.out else None
     runs_dirs = args.runs_dir or [default_runs_dir()]
     report = report_over(runs_dirs, dataset=args.dataset, preset=args.preset)
     deployment = deployment_over(runs_dirs, dataset=args.dataset, preset=args.preset)
     print(with_deployment(render(report, args.format, compare_paper=args.compare_paper), deployment, args.format))
-    if args.out:
-        written = write_report(report, Path(args.out), compare_paper=args.compare_paper)
-        for path in written + write_deployment(deployment, Path(args.out)):
+    if out is not None:
+        written = write_report(report, out, compare_paper=args.compare_paper)
+        for path in written + write_deployment(deployment, out):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 
@@ -402,18 +401,20 @@ def _report(args: argparse.Namespace) -> int:
 @command("merge")
 def _merge(args: argparse.Namespace) -> int:
     from kdlab.merge import merge
+    from kdlab.outputs import writable_dir
 
-    result = merge(args.sources, args.into, log=print)
+    result = merge(args.sources, writable_dir(args.into, "--into"), log=print)
     return 1 if result.combined.conflicts else 0
 
 
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
     from kdlab.grid import GridSpec, plan, run_with_workers
+    from kdlab.outputs import writable_dir
     from kdlab.report import build_report, render, write_report
     from kdlab.store import Store
 
-    runs_dir = Path(args.runs_dir)
+    runs_dir = writable_dir(args.runs_dir, "--runs-dir")
     data_dir = args.data_dir or str(runs_dir / "data")
     spec = GridSpec(seeds=args.seeds, preset="smoke", dataset="synthetic", data_dir=data_dir)
     t0 = time.perf_counter()
@@ -436,7 +437,9 @@ def _demo(args: argparse.Namespace) -> int:
 @command("bench")
 def _bench(args: argparse.Namespace) -> int:
     from kdlab import bench
+    from kdlab.outputs import writable_dir
 
+    out = writable_dir(args.out, "--out")
     models, what = _csv(args.models), set(_csv(args.what))
     if args.warmup < 0 or args.steps < 1:
         raise UserError("--warmup must be >= 0 and --steps >= 1")
@@ -450,7 +453,7 @@ def _bench(args: argparse.Namespace) -> int:
     if "kd" in what:
         results["kd_overhead"] = bench.kd_overhead(models, models, args.preset, args.warmup, args.steps, overrides)
     print(bench.format_table(results))
-    print(f"wrote {bench.write_results(results, Path(args.out))}", file=sys.stderr)
+    print(f"wrote {bench.write_results(results, out)}", file=sys.stderr)
     return 0
 
 

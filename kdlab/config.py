@@ -23,7 +23,7 @@ from kdlab.errors import UserError
 
 PRESETS = ("paper", "fast", "smoke")
 SCHEDULERS = ("cosine", "multistep", "onecycle", "constant")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # and "auto", settled when the config is built (kdlab.device.auto_precision)
 BN_STATS = ("auto", "running", "train")  # kdlab.bnstats
 COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 _OWN_GRAPHS = ("reduce-overhead", "max-autotune")  # compile modes that capture CUDA graphs themselves
@@ -82,7 +82,7 @@ class Config:
     # the training set before each evaluation). bind_dataset settles auto; auto and running are not hashed.
     bn_stats: str = "auto"
     # the engine
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32, bf16, fp16 (with loss scaling), or auto: chosen from the device when built
     channels_last: bool = False
     compile: str = "none"
     graphs: bool = True  # on CUDA, replay each step as a CUDA graph (same kernels, one launch)
@@ -130,11 +130,12 @@ _PAPER = dict(epochs=100, batch_size=128, lr=0.01, weight_decay=5e-4, temperatur
 _PAPER_VGG = dict(scheduler="multistep", momentum=0.9, milestones=[0.5, 0.75], gamma=0.1)
 _PAPER_OTHER = dict(scheduler="cosine", momentum=0.95)
 
-# The GPU recipe: large batches, bf16, channels_last, one-cycle schedule with Nesterov, steps replayed
-# as CUDA graphs. Not compiled: on the small models launches, not kernels, bound the step, and
-# CUDA graphs remove them for a second of capture where torch.compile costs half a minute a model.
+# The GPU recipe: large batches, mixed precision (auto: bf16, or fp16 on GPUs without bf16), channels_last,
+# one-cycle schedule with Nesterov, steps replayed as CUDA graphs. Not compiled: on the small models
+# launches, not kernels, bound the step, and CUDA graphs remove them for a second of capture where
+# torch.compile costs half a minute a model.
 _FAST = dict(epochs=40, batch_size=512, lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4,
-             scheduler="onecycle", warmup=0.15, label_smoothing=0.0, precision="bf16", channels_last=True,
+             scheduler="onecycle", warmup=0.15, label_smoothing=0.0, precision="auto", channels_last=True,
              compile="none", graphs=True, temperature=4.0, alpha=0.5)
 
 # Seconds on a CPU: tiny data, two epochs. Widths are set by the caller (train: 1/8 by default).
@@ -216,6 +217,12 @@ def build_config(preset: str = "paper", model: str = "resnet18", file_values: di
         for key, value in extra.items():
             values[key] = _coerce(key, value, source)
     cfg = Config(**values)
+    if cfg.precision == "auto":
+        # Settled here, so the run's identity holds the precision it really trains in (bf16 and fp16
+        # runs differ), and a config built on one machine means the same on another.
+        from kdlab.device import auto_precision, resolve_device
+
+        cfg.precision = auto_precision(resolve_device(cfg.device))
     if cfg.weights:  # the file's content, not its path, is what the run starts from
         from kdlab.models.weights import file_identity
 
@@ -302,7 +309,8 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.warmup < 1, f"warmup must be in [0, 1), got {cfg.warmup}"),
         (cfg.train_limit >= 0 and cfg.test_limit >= 0, "train_limit and test_limit must be >= 0"),
         (cfg.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}"),
-        (cfg.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}"),
+        (cfg.precision in PRECISIONS,
+         f"precision must be one of {', '.join(PRECISIONS)} or auto, got {cfg.precision!r}"),
         (cfg.bn_stats in BN_STATS, f"bn_stats must be one of {', '.join(BN_STATS)}, got {cfg.bn_stats!r}"),
         (cfg.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}"),
         (all(0 < m < 1 for m in cfg.milestones), "milestones are fractions of the epochs, each in (0, 1)"),

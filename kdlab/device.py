@@ -41,3 +41,28 @@ def versions() -> dict[str, str]:
     if torch.version.cuda:
         info["cuda"] = torch.version.cuda
     return info
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def auto_precision(device: torch.device, announce: bool = True) -> str:
+    """What `precision=auto` means on `device`: bf16 where the hardware has bf16 units (CUDA compute
+    capability 8.0 and later: A100, H100...; and the CPU, whose autocast supports it everywhere);
+    fp16 with loss scaling on CUDA 7.x (V100, T4: Google Colab's free GPUs), whose tensor cores
+    have no bf16; fp32 on older GPUs. Said once per process and device (on stderr)."""
+    if device.type != "cuda":
+        choice, why = "bf16", "the CPU's autocast"
+    else:
+        major, minor = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        if major >= 8:
+            choice, why = "bf16", f"{name}, compute capability {major}.{minor}"
+        elif major == 7:
+            choice, why = "fp16", f"{name}, compute capability {major}.{minor}: no bf16 units; losses are scaled"
+        else:
+            choice, why = "fp32", f"{name}, compute capability {major}.{minor}: no tensor cores"
+    if announce and (str(device), choice) not in _ANNOUNCED:
+        _ANNOUNCED.add((str(device), choice))
+        print(f"kdlab: precision auto: {choice} ({why})", file=sys.stderr)
+    return choice

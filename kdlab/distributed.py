@@ -51,17 +51,24 @@ def current() -> World | None:
     return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(world: World, device: torch.device) -> torch.device:
-    """Join the process group (NCCL on GPUs, gloo on CPUs); returns this rank's device."""
+def init(world: World, device: torch.device, graphs: bool = True) -> torch.device:
+    """Join the process group (NCCL on GPUs, gloo on CPUs); returns this rank's device. `graphs`: the
+    run's steps will be captured as CUDA graphs."""
     if device.type == "cuda":
         torch.cuda.set_device(world.local_rank)
         device = torch.device("cuda", world.local_rank)
-        # Collectives captured in CUDA graphs must not be watched by NCCL's asynchronous error
-        # handler (PyTorch's CUDA-graph notes, "Usage with DistributedDataParallel").
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
+        if graphs:
+            graph_safe_nccl()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def graph_safe_nccl() -> None:
+    """Collectives captured in CUDA graphs must not be watched by NCCL's asynchronous error handler
+    (PyTorch's CUDA-graph notes, "Usage with DistributedDataParallel"). Assigned, not defaulted:
+    torchrun sets its own value, which would otherwise win. Read when the process group starts."""
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

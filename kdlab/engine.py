@@ -6,6 +6,9 @@ its optimisation step. On a GPU each of these is a CUDA graph (`kdlab.graphs.Cap
 run replays on a CUDA stream of its own, so that the small kernels of several small models overlap
 on the card instead of waiting for each other. On a CPU the same code runs eagerly, in turn.
 
+A group's graphs, and the memory they and the group's models hold, are released when the group
+ends (`Engine.close`), so that a grid's peak memory is one group's, not two.
+
 Nothing in a step waits for the device: losses, accuracies and the first non-finite step are
 summed on the device (`RunningSums`) and read by the loop every `SYNC_EVERY` steps.
 
@@ -16,8 +19,8 @@ added over the processes when they are read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdlab import distributed
+from kdlab import distributed, graphs
 from kdlab.config import Config
 from kdlab.data.loader import Batch, DeviceLoader
 from kdlab.graphs import DDP_WARMUP_CALLS, WARMUP_CALLS, Captured
@@ -47,6 +50,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     lr: Tensor  # the optimiser's learning rate, a device tensor set before every step
     autocast: Callable[[], AbstractContextManager]
+    scaler: torch.amp.GradScaler | None = None  # fp16: the loss scale, kept and updated on the device
 
 
 class RunningSums:
@@ -73,7 +77,7 @@ class RunningSums:
         self.correct += (logits.argmax(1) == y).sum()
         for name, value in terms.items():
             if name not in self.terms:
-                if _capturing():
+                if graphs.capturing():
                     # A sum created inside a graph would be re-zeroed at every replay.
                     raise RuntimeError(f"loss term {name!r} first appeared while the step was captured")
                 self.terms[name] = torch.zeros((), device=self.device)
@@ -123,10 +127,45 @@ class Job:
 
 
 def autocast_for(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
-    """bf16 autocast without its weight cache (a cached cast would be replayed stale from a graph)."""
-    if precision != "bf16":
+    """bf16 or fp16 autocast without its weight cache (a cached cast would be replayed stale from a graph)."""
+    if precision not in ("bf16", "fp16"):
         return nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
+def loss_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """fp16's loss scaler (None for other precisions). With fused SGD its whole update stays on the
+    device (the optimiser skips a step whose gradients overflowed; the scale is halved or grown in
+    place), so a step that uses it can still be captured as a CUDA graph."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+class TeacherOutputs:
+    """A teacher's outputs for the current batch, in buffers allocated once and reused for the whole
+    group: students' captured steps read these addresses, whichever of the teacher's graphs (logits
+    only, or with stage features) produced this batch's values."""
+
+    def __init__(self) -> None:
+        self.logits: Tensor | None = None
+        self.features: list[Tensor] | None = None
+
+    def write(self, feats: list[Tensor] | None, logits: Tensor) -> None:
+        self.logits = _keep(self.logits, logits)
+        if feats is not None:
+            if self.features is None:
+                self.features = [_keep(None, f) for f in feats]
+            else:
+                for buf, f in zip(self.features, feats, strict=True):
+                    buf.copy_(f)
+
+
+def _keep(buf: Tensor | None, value: Tensor) -> Tensor:
+    if buf is None:
+        if graphs.capturing():  # a buffer born inside a graph would live in that graph's memory
+            raise RuntimeError("a teacher's output buffer must be allocated before capture")
+        buf = torch.empty_like(value)
+    return buf.copy_(value)
 
 
 class Engine:
@@ -135,12 +174,17 @@ class Engine:
     def __init__(self, jobs: list[Job], train: DeviceLoader, test: DeviceLoader, device: torch.device,
                  precision: str, world: distributed.World | None = None):
         self.jobs, self.train, self.test, self.device, self.world = jobs, train, test, device, world
-        self.graphs = device.type == "cuda" and all(j.cfg.graphs for j in jobs)
+        self.graphs = graphs.supported(device) and all(j.cfg.graphs for j in jobs)
         self.autocast = autocast_for(device, precision)
         self.batch = _blank(train)  # the fixed buffers every step reads
         self.eval_batch = _blank(test)
         self.teacher_steps: dict[tuple[int, str], Captured] = {}
+        self.teacher_outputs: dict[int, TeacherOutputs] = {}
         self.teacher_timers: dict[int, SegmentTimer] = {}
+        # This engine's own stream for teacher warm-ups and captures (a stream shared with a live
+        # engine could see this group's graphs released while the other's still run).
+        self.teacher_stream = graphs.new_stream(device) if self.graphs else None
+        self._needs: list[tuple[Teacher, str]] = []
         for job in jobs:
             self._attach(job)
 
@@ -148,7 +192,7 @@ class Engine:
         s = job.s
         job.sums = RunningSums(self.device)
         job.eval_sums = (torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long))
-        job.stream = torch.cuda.Stream(self.device) if self.graphs else None
+        job.stream = graphs.new_stream(self.device) if self.graphs else None
         s.optimizer.param_groups[0]["lr"] = s.lr  # fused SGD reads the tensor: no host value in the step
         job.trainable = _Trainable(s, self.batch, job.teacher)
         if self.world is not None:
@@ -163,8 +207,13 @@ class Engine:
             with s.autocast():
                 logits, terms = job.trainable()
             loss = sum(terms.values())
-            loss.backward()
-            s.optimizer.step()
+            if s.scaler is None:
+                loss.backward()
+                s.optimizer.step()
+            else:  # fp16: scaled backward; fused SGD unscales, and skips a step whose gradients overflowed
+                s.scaler.scale(loss).backward()
+                s.scaler.step(s.optimizer)
+                s.scaler.update()
             job.sums.add(loss.detach(), logits.detach(), self.batch.y, terms)
 
         def eval_body() -> None:
@@ -197,7 +246,7 @@ class Engine:
         self.batch.copy_(batch)
         for teacher, needs in self._needs:
             self._run_teacher(teacher, needs)
-        with self._fan_out(jobs) as streams:
+        with graphs.fan_out([job.stream for job in jobs]) as streams:
             for job, lr, stream in zip(jobs, lrs, streams, strict=True):
                 with stream:
                     job.s.lr.fill_(lr)
@@ -219,16 +268,21 @@ class Engine:
     def _run_teacher(self, teacher: Teacher, needs: str) -> None:
         key = (id(teacher), needs)
         if key not in self.teacher_steps:
-            def forward() -> tuple[list[Tensor] | None, Tensor]:
-                with self.autocast():
-                    return teacher.run(self.batch.x, features=needs == "features")
+            out = self.teacher_outputs.setdefault(id(teacher), TeacherOutputs())
 
-            self.teacher_steps[key] = Captured(forward, self.device, enabled=self.graphs,
+            def forward() -> None:
+                with self.autocast():
+                    feats, logits = teacher.run(self.batch.x, features=needs == "features")
+                out.write(feats, logits)
+
+            self.teacher_steps[key] = Captured(forward, self.device, enabled=self.graphs, stream=self.teacher_stream,
                                                name=f"the forward of teacher {teacher.run_id or ''}".strip())
             self.teacher_timers.setdefault(id(teacher), SegmentTimer(self.device))
         with self.teacher_timers[id(teacher)]("teacher"):
-            feats, logits = self.teacher_steps[key]()
-        teacher.hold(self.batch, feats, logits)
+            self.teacher_steps[key]()
+        out = self.teacher_outputs[id(teacher)]
+        # Features only when this batch's were computed: a student reading older ones would be wrong.
+        teacher.hold(self.batch, out.features if needs == "features" else None, out.logits)
 
     def teacher_time(self) -> dict[int, float]:
         """Seconds each teacher (by id) has spent in forward passes so far."""
@@ -245,7 +299,7 @@ class Engine:
                 t.zero_()
         for batch in self.test.epoch(0):
             self.eval_batch.copy_(batch)
-            with self._fan_out(jobs) as streams:
+            with graphs.fan_out([job.stream for job in jobs]) as streams:
                 for job, stream in zip(jobs, streams, strict=True):
                     with stream, job.timer("eval"):
                         job.eval_step()
@@ -263,22 +317,29 @@ class Engine:
         sums["acc"] = sums["correct"] / max(1, sums["steps"] * self.train.batch_size) * 100
         return sums
 
-    # ---- streams ---------------------------------------------------------------------------------
+    # ---- the end of a group ----------------------------------------------------------------------
 
-    @contextmanager
-    def _fan_out(self, jobs: list[Job]) -> Iterator[list[AbstractContextManager]]:
-        """One stream context per job: each job's stream first waits for the work queued so far (the
-        batch, the teachers), and the main stream waits for every job before the buffers are reused."""
-        if not self.graphs:
-            yield [nullcontext() for _ in jobs]
-            return
-        main = torch.cuda.current_stream(self.device)
-        ready = main.record_event()
-        for job in jobs:
-            job.stream.wait_event(ready)
-        yield [torch.cuda.stream(job.stream) for job in jobs]
-        for job in jobs:
-            main.wait_stream(job.stream)
+    def close(self) -> None:
+        """Release every graph of the group (steps, evaluations, teachers, retired ones), the buffers
+        they read and the teachers' held outputs; then return the memory to the device. The jobs keep
+        their records (history, timing); their models stay with the caller until it drops them."""
+        if self.graphs:
+            graphs.synchronize()  # nothing may still be replaying when a graph is released
+        steps = [c for j in self.jobs for c in (j.train_step, j.eval_step) if c is not None]
+        for step in (*steps, *self.teacher_steps.values()):
+            step.release()
+        for job in self.jobs:
+            graphs.return_stream(self.device, job.stream)
+            job.train_step = job.eval_step = job.trainable = job.stream = None
+            if job.teacher is not None:
+                job.teacher.drop()
+        graphs.return_stream(self.device, self.teacher_stream)
+        self.teacher_steps.clear()
+        self.teacher_outputs.clear()
+        self._needs = []
+        self.batch = self.eval_batch = self.teacher_stream = None
+        if self.graphs:
+            graphs.release_memory()
 
 
 class _Trainable(nn.Module):
@@ -294,10 +355,6 @@ class _Trainable(nn.Module):
 
     def forward(self) -> tuple[Tensor, dict[str, Tensor]]:
         return self.method(self.student_fn, self._batch, self._teacher)
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _blank(loader: DeviceLoader) -> Batch:

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdlab import bnstats, distributed, health
+from kdlab import bnstats, distributed, graphs, health
 from kdlab.checkpoints import CheckpointWriter, to_host
 from kdlab.config import Config
 from kdlab.data import load_dataset
 from kdlab.data.datasets import Dataset
 from kdlab.data.loader import DeviceLoader, channel_stats
 from kdlab.device import device_name, resolve_device, versions
-from kdlab.engine import Engine, Job, Setup, autocast_for
+from kdlab.engine import Engine, Job, Setup, autocast_for, loss_scaler
 from kdlab.errors import RunBusy, UserError
 from kdlab.loggers import start_loggers
 from kdlab.methods import METHODS
@@ -82,8 +82,10 @@ def engine_device(cfg: Config) -> tuple[torch.device, torch.memory_format]:
     if cfg.threads and device.type == "cpu":
         # Tiny convolutions gain nothing from intra-op threads, and lose badly when a core is busy.
         torch.set_num_threads(cfg.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # shapes are fixed: pick each convolution's fastest kernel once
+    if device.type == "cuda" and not torch.backends.cudnn.deterministic:
+        # Shapes are fixed: pick each convolution's fastest kernel once. Not where the caller asked for
+        # deterministic kernels (an equality check): benchmarking may pick different ones run to run.
+        torch.backends.cudnn.benchmark = True
     return device, torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
@@ -107,7 +109,7 @@ def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None, sync_b
     optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                 weight_decay=cfg.weight_decay, fused=True)
     return Setup(device, student, compile_module(student, cfg.compile), method, optimizer, lr,
-                 autocast_for(device, cfg.precision))
+                 autocast_for(device, cfg.precision), loss_scaler(device, cfg.precision))
 
 
 def compile_module(module: nn.Module, mode: str) -> nn.Module:
@@ -157,7 +159,7 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
         if len(specs) > 1:
             raise UserError("torchrun trains one run on several processes: use it with `kdlab train` or "
                             "`kdlab distill`, and `kdlab grid --ray` for a study on several GPUs")
-        distributed.init(world, resolve_device(specs[0][0].device))
+        distributed.init(world, resolve_device(specs[0][0].device), graphs=specs[0][0].graphs)
         store = distributed.for_rank(store, world)
         silent = silent or not world.main
     out: dict[str, RunRecord | None] = {}
@@ -228,6 +230,17 @@ def _train_group(jobs: list[Job], store: Store, writer: CheckpointWriter, datase
                                 quiet=quiet or len(jobs) > MAX_LIVE_RUNS, silent=silent,
                                 label=f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method} {job.run_id[:8]}")
     engine = Engine(jobs, train_loader, test_loader, device, jobs[0].cfg.precision, world)
+    try:
+        _train_epochs(jobs, engine, train_loader, device, store, writer)
+    finally:
+        engine.close()
+        for job in jobs:
+            job.s = None  # the models and optimisers: the next group's memory
+        graphs.release_memory()
+
+
+def _train_epochs(jobs: list[Job], engine: Engine, train_loader: DeviceLoader, device: torch.device, store: Store,
+                  writer: CheckpointWriter) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     group_timer = SegmentTimer(device)
@@ -359,6 +372,8 @@ def _resume(store: Store, run_id: str, s: Setup, timer: SegmentTimer) -> tuple[i
     s.method.load_state_dict(ckpt["method"])
     s.optimizer.load_state_dict(ckpt["optimizer"])
     s.optimizer.param_groups[0]["lr"] = s.lr  # the loaded state holds a host copy of the lr tensor
+    if s.scaler is not None and ckpt.get("scaler"):
+        s.scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale where it had got to
     history = list(ckpt["history"])
     # The database may run ahead of the checkpoint (epochs recorded while their checkpoint was
     # still being written when the process died): keep what the checkpoint knows.
@@ -377,6 +392,7 @@ def _checkpoint_state(job: Job, epoch: int, elapsed: float, teacher_s: float) ->
         "model": {"name": cfg.model, "width": cfg.width, "num_classes": s.student.num_classes},
         "student": s.student.state_dict(), "method": s.method.state_dict(), "optimizer": s.optimizer.state_dict(),
         "history": list(job.history), "elapsed_s": elapsed, "timing": {**job.timer.collect(), "teacher": teacher_s},
+        "scaler": s.scaler.state_dict() if s.scaler is not None else None,
     })
 
 

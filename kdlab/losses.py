@@ -71,6 +71,13 @@ def _full_precision(fn: _F) -> _F:
 # --- Response-based: Decoupled KD -----------------------------------------------------------------
 
 
+def non_target_index(targets: Tensor, num_classes: int) -> Tensor:
+    """(N, C-1) column indices of every class but each row's target, in class order: column j is class
+    j below the target and j + 1 from it on."""
+    columns = torch.arange(num_classes - 1, device=targets.device)
+    return columns + (columns >= targets.view(-1, 1)).long()
+
+
 def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
               temperature: float) -> tuple[Tensor, Tensor]:
     """(TCKD, NCKD) of Decoupled KD (Zhao et al., CVPR 2022), each T^2-scaled and batch-averaged.
@@ -82,15 +89,16 @@ def dkd_parts(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
     """
     t = temperature
     s, z = student_logits.float() / t, teacher_logits.float() / t
-    n, c = s.shape
-    target = F.one_hot(targets, c).bool()
-    other = ~target
-    # Non-target logits as an (N, C-1) matrix: its softmax is the "non-target" distribution.
-    s_other, z_other = s[other].view(n, c - 1), z[other].view(n, c - 1)
+    # Gathers, not boolean masks: a mask selects through `nonzero`, which waits for the device and has
+    # a data-dependent shape, so a step using it could not be captured as a CUDA graph.
+    target = targets.view(-1, 1)
+    others = non_target_index(targets, s.shape[1])
+    # Non-target logits as an (N, C-1) matrix, classes in order: its softmax is the "non-target" distribution.
+    s_other, z_other = s.gather(1, others), z.gather(1, others)
 
     def binary_log_probs(all_logits: Tensor, other_logits: Tensor) -> Tensor:
         lse = torch.logsumexp(all_logits, dim=1)
-        log_p_target = all_logits[target] - lse
+        log_p_target = all_logits.gather(1, target).squeeze(1) - lse
         log_p_rest = torch.logsumexp(other_logits, dim=1) - lse
         return torch.stack([log_p_target, log_p_rest], dim=1)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kdlab.deploy.files import file_problem, problem_line
 from kdlab.deploy.runs import copy_run_files
 from kdlab.errors import UserError
 from kdlab.store import RunRecord, Store
@@ -196,11 +197,16 @@ def merge(sources: Sequence[str | Path], into: str | Path, log: Callable[[str], 
             _copy_checkpoints(stores[i].root, dst.root, run_id)
             copy_run_files(stores[i].root, dst.root, record)  # ONNX files, pruned weights (kdlab.deploy)
             copied.append(run_id)
+        by_id = {run_id: record for run_id, (_, record) in combined.records.items()}
+        damaged = [problem_line(by_id, by_id[r], p) for r in copied if "deploy" in by_id[r].config
+                   and (p := file_problem(dst.root, by_id[r])) is not None]
     finally:
         for s in stores:
             s.close()
     out = MergeResult(copied, combined, busy)
     _say(out, into, log)
+    for line in damaged:  # copied as they were: the run's results stand, its file is to be made again
+        log(f"warning: {line}")
     return out
 
 

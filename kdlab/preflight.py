@@ -29,7 +29,7 @@ def preflight(cfg: Config, dataset: Dataset, teacher: nn.Module | None) -> None:
             teacher.num_classes = count_logits(teacher, image_hw, f"teacher {name}")
         if teacher.num_classes != n:
             raise UserError(f"teacher {name} has {teacher.num_classes} classes but the data ({cfg.dataset}) has {n}: "
-                            "distill on the data the teacher was trained on")
+                            f"{other_classes_way_out(teacher, cfg)}")
     with torch.random.fork_rng(devices=[]):
         student = create_model(cfg.model, cfg.width, n, **cfg.model_args)
         if cfg.weights:
@@ -38,6 +38,20 @@ def preflight(cfg: Config, dataset: Dataset, teacher: nn.Module | None) -> None:
         if logits != n:
             raise UserError(f"student {cfg.model} returns {logits} logits but the data ({cfg.dataset}) has {n} classes")
         METHODS[cfg.method](cfg, student, teacher)  # a method reading stage features says so if there are none
+
+
+def other_classes_way_out(teacher: nn.Module, cfg: Config) -> str:
+    """What to do with a teacher for other classes (an ImageNet model, say): fine-tune it on this data
+    first, re-headed for its classes, and distil from that run; or distil on the teacher's own data."""
+    name = getattr(teacher, "name", "") or ""
+    if not cfg.teacher_path or not name or name.startswith("module:") or cfg.dataset.startswith("arrays:"):
+        return ("fine-tune it on this data first (a new classifier for these classes) and distil from that run, "
+                "or distill on the data the teacher was trained on")
+    width = getattr(teacher, "width", 1.0)
+    return (f"fine-tune it on this data first, `kdlab train {name}{'' if width == 1.0 else f' --width {width:g}'} "
+            f"--dataset {cfg.dataset} --set weights={cfg.teacher_path}` (its classifier starts afresh for these "
+            "classes), then distil with --teacher RUN, that run's id; or distill on the data the teacher was "
+            "trained on")
 
 
 def count_logits(model: nn.Module, image_hw: tuple[int, int], what: str) -> int:

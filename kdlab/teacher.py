@@ -54,6 +54,10 @@ class Teacher:
         self.forwards += 1
         self._batch, self._logits, self._features = batch, logits, feats
 
+    def drop(self) -> None:
+        """Forget the held outputs (the end of a group: they may live in memory it releases)."""
+        self._batch, self._logits, self._features = None, None, None
+
     def logits(self, batch: Batch) -> Tensor:
         """The teacher's logits for this batch's images (same crops and flips as the student's)."""
         if batch is not self._batch or self._logits is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -53,3 +54,27 @@ def image_folder(tmp_path: Path):
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory, synthetic_dir):
+    """A tiny teacher, its KD student, and the student compressed: pruned 0.5 + KD recovery, int8 (shared by
+    the deploy tests; a test that changes the runs dir works on a copy)."""
+    import kdlab
+    from kdlab.cli import main
+    from kdlab.deploy import latency
+    from kdlab.store import Store
+
+    runs = tmp_path_factory.mktemp("runs")
+    common = {**TINY, "data_dir": str(synthetic_dir), "epochs": 2, "runs_dir": runs}
+    teacher = kdlab.train("resnet18", preset="smoke", **{**common, "width": 0.125})
+    student = kdlab.distill(teacher.run_id, "resnet18", preset="smoke", **common)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(latency, "ON_CREATION_SECONDS", 0.0)
+        mp.setattr(latency, "WARMUP", 1)
+        code = main(["compress", student.run_id[:8], "--prune", "0.5", "--quantize", "int8", "--epochs", "1",
+                     "--calibration", "64", "--qat", "never", "--runs-dir", str(runs), "--quiet"])
+    store = Store(runs, create=False)
+    made = {r.run_id: r for r in store.runs()}
+    store.close()
+    return SimpleNamespace(runs=runs, teacher=teacher, student=student, code=code, made=made)

@@ -11,9 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY
 
-import kdlab
 from kdlab.cli import main
 from kdlab.deploy import latency
 from kdlab.deploy.compress import compress_grid, parse_compress
@@ -21,24 +19,6 @@ from kdlab.deploy.runs import artifact_dir, deploy_info, lineage, load_run_model
 from kdlab.errors import UserError
 from kdlab.models import ModelSource, register_source
 from kdlab.store import Store
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, synthetic_dir):
-    """A tiny teacher, its KD student, and the student compressed: pruned 0.5 + KD recovery, int8."""
-    runs = tmp_path_factory.mktemp("runs")
-    common = {**TINY, "data_dir": str(synthetic_dir), "epochs": 2, "runs_dir": runs}
-    teacher = kdlab.train("resnet18", preset="smoke", **{**common, "width": 0.125})
-    student = kdlab.distill(teacher.run_id, "resnet18", preset="smoke", **common)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(latency, "ON_CREATION_SECONDS", 0.0)
-        mp.setattr(latency, "WARMUP", 1)
-        code = main(["compress", student.run_id[:8], "--prune", "0.5", "--quantize", "int8", "--epochs", "1",
-                     "--calibration", "64", "--qat", "never", "--runs-dir", str(runs), "--quiet"])
-    store = Store(runs, create=False)
-    made = {r.run_id: r for r in store.runs()}
-    store.close()
-    return SimpleNamespace(runs=runs, teacher=teacher, student=student, code=code, made=made)
 
 
 def _kind(study, source_id: str, quantized: bool):
@@ -126,8 +106,12 @@ def test_export_and_latency_commands(study, tmp_path, capsys):
     entries = json.loads(capsys.readouterr().out)["measurements"]
     assert {(e["runtime"], e["batch"]) for e in entries} >= {("onnxruntime", 1), ("torch-eager", 2)}
     assert all(e["p90_ms"] >= e["median_ms"] > 0 and e["cpu"] for e in entries)
+    # PyTorch's figures are kept with the trained run, ONNX Runtime's with its ONNX export (the table's).
     saved = json.loads((artifact_dir(study.runs, study.student.run_id) / "latency.json").read_text())
-    assert len(saved) == len(entries)
+    assert len(saved) == 2 and {e["runtime"] for e in saved} == {"torch-eager"}
+    onnx = json.loads((artifact_dir(study.runs, _kind(study, study.student.run_id, False).run_id)
+                       / "latency.json").read_text())
+    assert {(e["runtime"], e["batch"], e["threads"]) for e in onnx} >= {("onnxruntime", 2, 1)}
     assert main(["latency", str(out), "--batch", "1", "--threads", "1", "--seconds", "0.01"]) == 0
     assert "onnxruntime" in capsys.readouterr().out
 

@@ -112,7 +112,7 @@ def test_pruned_source_rebuilds_the_saved_model_and_checks_its_digest(tmp_path):
     assert torch.equal(rebuilt(x), model(x))
     feats, _ = rebuilt.forward_with_features(x)
     assert [f.shape[1] for f in feats] == rebuilt.stage_channels() != model.stage_channels()
-    with pytest.raises(UserError, match="digest differs"):
+    with pytest.raises(UserError, match="sha256 differs"):
         create_model("pruned:resnet18", 0.125, 10, **{**args, "sha256": "0" * 64})
     with pytest.raises(UserError, match="are missing"):
         create_model("pruned:resnet18", 0.125, 10, **{**args, "path": str(tmp_path / "gone.pt")})

@@ -94,7 +94,7 @@ def test_a_loss_term_new_at_capture_time_refuses_to_be_captured(monkeypatch):
     sums = engine.RunningSums(torch.device("cpu"))
     one = torch.ones(())
     sums.add(one, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), {"ce": one})
-    monkeypatch.setattr(engine, "_capturing", lambda: True)
+    monkeypatch.setattr(graphs, "capturing", lambda: True)
     sums.add(one, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), {"ce": one})  # known term: fine
     with pytest.raises(RuntimeError, match="'kd' first appeared"):
         sums.add(one, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), {"ce": one, "kd": one})

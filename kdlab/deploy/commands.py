@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +29,14 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("compress", help="prune (recovered with KD) and/or quantize a finished run; each model a run")
     p.add_argument("run", help="a finished run's id (or prefix), usually a distilled student")
     p.add_argument("--prune", type=float, metavar="RATIO", help="remove this fraction of every layer's channels")
-    p.add_argument("--criterion", default="l1", help="channel ranking: l1, l2 (filter norm) or bn (BatchNorm scale)")
+    p.add_argument("--criterion", help="channel ranking: l1 (the default), l2 (filter norm) or bn (BatchNorm scale)")
     p.add_argument("--teacher", help="recovery teacher (default: the run's own teacher, else the unpruned run)")
     p.add_argument("--epochs", type=int, help="recovery and QAT epochs (default: a tenth of the run's, at least 1)")
     p.add_argument("--lr", type=float, help="recovery lr (default: a tenth of the run's; QAT a tenth of this)")
     p.add_argument("--quantize", choices=["int8"], help="int8: static QDQ quantization with ONNX Runtime")
-    p.add_argument("--calibration", type=int, default=512, help="training images that set int8 ranges (512)")
-    p.add_argument("--qat", default="auto",
-                   help="quantization-aware KD: auto (when int8 loses more than 1 point), always or never")
+    p.add_argument("--calibration", type=int, help="training images that set int8 ranges (512)")
+    p.add_argument("--qat", help="quantization-aware KD: auto (the default: when int8 loses more than 1 point), "
+                   "always or never")
     p.add_argument("--opset", type=int, help="ONNX opset (default 20)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting of the fine-tuning runs, e.g. --set compile=none (repeatable)")
@@ -49,8 +47,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("target", help="a finished run's id (or prefix), or an ONNX file")
     p.add_argument("--batch", default="1,64", help="comma-separated batch sizes (default 1,64)")
     p.add_argument("--threads", default="1,all", help="comma-separated CPU thread counts; all = every core")
-    p.add_argument("--runtime", default="onnxruntime,torch",
-                   help="onnxruntime and/or torch (PyTorch eager fp32, CPU and GPU where present) for trained runs")
+    p.add_argument("--runtime", help="onnxruntime and/or torch (PyTorch eager fp32, CPU and GPU where present; "
+                   "trained runs only); default both for a trained run, onnxruntime for an ONNX model")
     p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per setting, at least (default 1)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
     _common(p)
@@ -66,28 +64,33 @@ def run_command(args: argparse.Namespace) -> int:
     return {"export": _export, "compress": _compress, "latency": _latency}[args.command](args)
 
 
-def _store(args: argparse.Namespace) -> Any:
+def _runs_dir(args: argparse.Namespace) -> Path:
     from kdlab.api import default_runs_dir
+
+    return Path(args.runs_dir) if args.runs_dir else default_runs_dir()
+
+
+def _store(args: argparse.Namespace) -> Any:
     from kdlab.store import Store
 
-    return Store(Path(args.runs_dir) if args.runs_dir else default_runs_dir(), create=False)
+    return Store(_runs_dir(args), create=False)
 
 
 def _export(args: argparse.Namespace) -> int:
     from kdlab.deploy.export import DEFAULT_OPSET, check_format, check_opset, export_run
-    from kdlab.deploy.runs import deploy_info, finished_run, model_file
+    from kdlab.deploy.files import model_file
+    from kdlab.deploy.runs import deploy_info, finished_run
+    from kdlab.outputs import copy_to, writable_file
 
     check_format(args.format)
     opset = DEFAULT_OPSET if args.opset is None else args.opset
     check_opset(opset)
-    out = Path(args.out).expanduser() if args.out else None
-    if out is not None and not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    out = writable_file(args.out, "--out") if args.out else None
     store = _store(args)
     try:
         source = finished_run(store, args.run)
         record = export_run(store, source, opset, data_dir=args.data_dir)
-        path = model_file(store.root, record)
+        path = model_file(store, record)
         info = deploy_info(store.root, record.run_id)
     finally:
         store.close()
@@ -97,7 +100,7 @@ def _export(args: argparse.Namespace) -> int:
           f"{info['max_abs_diff']:.2e}, top-1 agreement {info['top1_agreement']:.2f}%")
     print(f"test accuracy in ONNX Runtime {record.final_acc:.2f}% (PyTorch {source.final_acc:.2f}%)")
     if out is not None:
-        shutil.copyfile(path, out)
+        copy_to(path, out, "--out")
         path = out
     print(f"file {path}")
     return 0
@@ -106,13 +109,12 @@ def _export(args: argparse.Namespace) -> int:
 def _compress(args: argparse.Namespace) -> int:
     from kdlab.cli import _pairs
     from kdlab.deploy.compress import CompressSpec, compress, format_steps
-    from kdlab.deploy.export import DEFAULT_OPSET
     from kdlab.deploy.runs import finished_run
 
-    spec = CompressSpec(prune=args.prune, criterion=args.criterion, int8=args.quantize == "int8", epochs=args.epochs,
-                        lr=args.lr, calibration=args.calibration, qat=args.qat,
-                        opset=DEFAULT_OPSET if args.opset is None else args.opset, teacher=args.teacher,
-                        overrides={k.replace("-", "_"): v for k, v in _pairs(args.set, "--set").items()})
+    given = {k: getattr(args, k) for k in ("criterion", "epochs", "lr", "calibration", "qat", "opset")
+             if getattr(args, k) is not None}
+    spec = CompressSpec(prune=args.prune, int8=args.quantize == "int8", teacher=args.teacher, given=frozenset(given),
+                        overrides={k.replace("-", "_"): v for k, v in _pairs(args.set, "--set").items()}, **given)
     spec.check()
     store = _store(args)
     try:
@@ -126,29 +128,24 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _latency(args: argparse.Namespace) -> int:
-    from kdlab.deploy.latency import format_latency, onnx_latency, parse_counts, save_latency
-    from kdlab.deploy.runs import artifact_dir, finished_run, model_file
+    from kdlab.deploy.latency import format_latency, measure_file, measure_run, parse_counts, parse_runtimes
 
     batches, threads = parse_counts(args.batch, "--batch"), parse_counts(args.threads, "--threads")
-    runtimes = {t.strip() for t in args.runtime.split(",") if t.strip()}
-    if not runtimes or not runtimes <= {"onnxruntime", "torch"}:
-        raise UserError(f"--runtime takes onnxruntime and/or torch, got {args.runtime!r}")
+    runtimes = parse_runtimes(args.runtime)
     if not args.seconds > 0:
         raise UserError(f"--seconds must be > 0, got {args.seconds}")
     target = Path(args.target).expanduser()
-    if target.is_file():
-        entries = onnx_latency(target, batches, threads, args.seconds)
-        what = str(target)
+    if target.exists() or target.suffix or "/" in args.target:  # a file, not a run id
+        if not target.exists():
+            raise UserError(f"{target} does not exist: give an ONNX file, or a run id (or prefix)")
+        if not target.is_file():
+            raise UserError(f"{target} is a folder: give an ONNX file, or a run id (or prefix)")
+        what, entries = measure_file(target, _runs_dir(args), batches, threads, runtimes, args.seconds)
     else:
         store = _store(args)
         try:
-            record = finished_run(store, args.target)
-            if "deploy" in record.config:
-                entries = onnx_latency(model_file(store.root, record), batches, threads, args.seconds)
-            else:
-                entries = _trained_latency(store, record, batches, threads, runtimes, args)
-            save_latency(artifact_dir(store.root, record.run_id), entries)
-            what = f"run {record.run_id} ({record.label or record.config['model']})"
+            what, entries = measure_run(store, args.target, batches, threads, runtimes, args.seconds,
+                                        data_dir=args.data_dir)
         finally:
             store.close()
     if args.json:
@@ -156,30 +153,3 @@ def _latency(args: argparse.Namespace) -> int:
     else:
         print(f"latency of {what}\n{format_latency(entries)}")
     return 0
-
-
-def _trained_latency(store: Any, record: Any, batches: list[int], threads: list[int], runtimes: set[str],
-                     args: argparse.Namespace) -> list[dict[str, Any]]:
-    """A trained run: PyTorch eager on its model, ONNX Runtime on its export (made here, not kept,
-    when the run has no export run yet)."""
-    from kdlab.deploy.export import DEFAULT_OPSET, export_onnx
-    from kdlab.deploy.latency import onnx_latency, torch_latency
-    from kdlab.deploy.runs import fp32_export, load_run_model, model_file
-    from kdlab.deploy.runtime import dataset_of
-
-    model = load_run_model(record, store.root)
-    images = dataset_of(record.config, args.data_dir).test.images
-    shape = (images.shape[3], images.shape[1], images.shape[2])
-    entries = torch_latency(model, shape, batches, threads, args.seconds) if "torch" in runtimes else []
-    if "onnxruntime" in runtimes:
-        exported = fp32_export(store.runs(), record.run_id)
-        if exported is not None:
-            entries += onnx_latency(model_file(store.root, exported), batches, threads, args.seconds)
-        else:
-            import torch
-
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "model.onnx"
-                export_onnx(model, torch.zeros(2, *shape), path, DEFAULT_OPSET)
-                entries += onnx_latency(path, batches, threads, args.seconds)
-    return entries

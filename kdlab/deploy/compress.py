@@ -59,30 +59,52 @@ class CompressSpec:
     opset: int = DEFAULT_OPSET
     teacher: str | None = None  # recovery teacher (default: the run's own teacher, else the run itself)
     overrides: dict[str, Any] = field(default_factory=dict)  # settings of the fine-tuning runs (--set)
+    given: frozenset[str] = frozenset()  # the settings the user gave: one that would change nothing is refused
+    grid: bool = False  # written as `grid --compress KEY=VALUE,...`: errors name the settings that way
+
+    def _name(self, key: str, value: Any) -> str:
+        return f"--compress {key}={value}: {key}" if self.grid else f"--{key}"
 
     def check(self) -> None:
-        """Refuse bad settings before anything is done."""
+        """Refuse bad settings, and settings that would be dropped, before anything is done."""
         if self.prune is None and not self.int8:
             raise UserError("nothing to do: give --prune RATIO and/or --quantize int8 (grid: --compress "
                             "prune=0.5,int8)")
+        unused = ([k for k in ("criterion",) if self.prune is None and k in self.given]
+                  + [k for k in ("calibration", "qat") if not self.int8 and k in self.given])
+        if unused:
+            needs = "int8" if unused[0] in ("calibration", "qat") else "prune=RATIO"
+            flag = needs if self.grid else {"int8": "--quantize int8", "prune=RATIO": "--prune RATIO"}[needs]
+            raise UserError(f"{' and '.join(unused)} would change nothing: {unused[0]} is a setting of "
+                            f"{'int8 models' if needs == 'int8' else 'pruning'}; add {flag}")
+        tuned = [k for k in ("epochs", "lr") if k in self.given]
+        if tuned and self.prune is None and not (self.int8 and self.qat != "never"):
+            raise UserError(f"{' and '.join(tuned)} would change nothing: they are the fine-tuning's (pruning "
+                            "recovery, QAT), and nothing is fine-tuned here")
         if self.prune is not None:
             check_ratio(self.prune)
         if self.criterion not in CRITERIA:
             raise UserError(f"unknown pruning criterion {self.criterion!r}: choose one of {', '.join(CRITERIA)}")
         if self.epochs is not None and self.epochs < 1:
-            raise UserError(f"--epochs must be >= 1, got {self.epochs}")
+            raise UserError(f"{self._name('epochs', self.epochs)} must be >= 1, got {self.epochs}")
         if self.lr is not None and not self.lr > 0:
-            raise UserError(f"--lr must be > 0, got {self.lr}")
+            raise UserError(f"{self._name('lr', self.lr)} must be > 0, got {self.lr}")
         if self.calibration < 1:
-            raise UserError(f"--calibration must be >= 1, got {self.calibration}")
+            raise UserError(f"{self._name('calibration', self.calibration)} must be >= 1, got {self.calibration}")
         if self.qat not in QAT_MODES:
-            raise UserError(f"qat must be one of {', '.join(QAT_MODES)}, got {self.qat!r}")
+            raise UserError(f"{self._name('qat', self.qat)} must be one of {', '.join(QAT_MODES)}, got {self.qat!r}")
         check_opset(self.opset)
 
-    @property
-    def text(self) -> str:
-        parts = ([f"prune={self.prune:g}", f"criterion={self.criterion}"] if self.prune is not None else [])
-        return ",".join(parts + (["int8", f"qat={self.qat}"] if self.int8 else []))
+    def describe(self, epochs: int | None = None, lr: float | None = None) -> str:
+        """Every setting that applies, defaults included (`epochs`, `lr`: what they come to for the run)."""
+        tuned = self.prune is not None or (self.int8 and self.qat != "never")
+        epochs, lr = self.epochs or epochs, self.lr or lr
+        parts = [f"prune={self.prune:g}", f"criterion={self.criterion}"] if self.prune is not None else []
+        if tuned:
+            parts += [f"epochs={epochs if epochs else 'auto'}", f"lr={lr:g}" if lr else "lr=auto"]
+        if self.int8:
+            parts += ["int8", f"calibration={self.calibration}", f"qat={self.qat}"]
+        return ",".join([*parts, f"opset={self.opset}"])
 
 
 _KEYS = {"prune": float, "criterion": str, "epochs": int, "lr": float, "calibration": int, "qat": str, "opset": int}
@@ -90,7 +112,8 @@ _KEYS = {"prune": float, "criterion": str, "epochs": int, "lr": float, "calibrat
 
 def parse_compress(text: str) -> CompressSpec:
     """`prune=0.5,int8` (and criterion=, epochs=, lr=, calibration=, qat=, opset=) as a CompressSpec."""
-    spec = CompressSpec()
+    spec = CompressSpec(grid=True)
+    given = set()
     for item in (t.strip() for t in text.split(",") if t.strip()):
         key, sep, value = item.partition("=")
         if item == "int8":
@@ -105,6 +128,8 @@ def parse_compress(text: str) -> CompressSpec:
         if not isinstance(parsed, kind) or isinstance(parsed, bool):
             raise UserError(f"--compress {key} must be {kind.__name__}, got {value!r}")
         setattr(spec, key, parsed)
+        given.add(key)
+    spec.given = frozenset(given)
     spec.check()
     return spec
 
@@ -208,13 +233,16 @@ def grid_targets(planned: Sequence[Any]) -> list[Any]:
 
 
 def plan_lines(planned: Sequence[Any], spec: CompressSpec, store: Store | None) -> list[str]:
-    """`grid --dry-run` lines for the compress steps: how many models each has made so far."""
+    """`grid --dry-run` lines for the compress steps: every setting (defaults as they come to for the run)
+    and how many of the steps are made."""
+    from kdlab.deploy.plan import progress_text
+
     by_id = {r.run_id: r for r in store.runs()} if store is not None else {}
     lines = []
     for r in grid_targets(planned):
-        made = sum(1 for rec in by_id.values() if rec.run_id != r.run_id and "deploy" in rec.config
-                   and lineage(rec, by_id)[-1].run_id == r.run_id)
-        lines.append(f"{'':16}  {'after':<8} {'compress':<8} {r.label} ({spec.text}; {made} ONNX models so far)")
+        cfg = getattr(r, "cfg", None)
+        settings, state = progress_text(by_id, r.run_id, spec, cfg.to_dict() if cfg is not None else None)
+        lines.append(f"{'':16}  {'after':<8} {'compress':<8} {r.label} ({settings}): {state}")
     return lines
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from kdlab.deploy import require
+from kdlab.deploy.files import keep_made, made_before
 from kdlab.deploy.latency import cpu_model, measure_new_model
 from kdlab.deploy.runs import (
     MODEL_FILE,
@@ -35,7 +36,6 @@ from kdlab.deploy.runs import (
     file_size,
     load_run_model,
     model_flops,
-    record_deploy_run,
     scratch_dir,
 )
 from kdlab.deploy.runtime import (
@@ -139,14 +139,20 @@ def check_agreement(result: dict[str, float]) -> None:
                         f"agreement {result['top1_agreement']:.2f}%")
 
 
+def export_settings(opset: int) -> dict[str, Any]:
+    """What identifies an fp32 export of a run (with the run's id)."""
+    return {"format": "onnx", "opset": opset}
+
+
 def export_run(store: Store, source: RunRecord, opset: int = DEFAULT_OPSET, *, data_dir: str | None = None,
                label: str | None = None) -> RunRecord:
-    """The fp32 ONNX export of a finished trained run, as a run of its own (made once, then reused)."""
+    """The fp32 ONNX export of a finished trained run, as a run of its own (made once, then reused; made
+    again in place when its file is missing or damaged)."""
     check_opset(opset)
-    settings = {"format": "onnx", "opset": opset}
+    settings = export_settings(opset)
     run_id = deploy_id(source.run_id, settings)
-    existing = store.get(run_id)
-    if existing is not None and existing.status == "done":
+    existing, damaged = made_before(store, run_id)
+    if existing is not None and damaged is None:
         return existing
     t0 = time.perf_counter()
     model = load_run_model(source, store.root)
@@ -169,10 +175,10 @@ def export_run(store: Store, source: RunRecord, opset: int = DEFAULT_OPSET, *, d
                 "flops": model_flops(model, image_shape), "image_shape": list(image_shape), **check,
                 "torch_acc": source.final_acc}
         measure_new_model(path, files)
-        record = record_deploy_run(store, run_id, deploy_config(source, settings),
-                                   label or f"{source.label or source.run_id} | onnx fp32", files, info, acc,
-                                   time.perf_counter() - t0, params=count_params(model),
-                                   paper_params=paper_params(model), device=cpu_model(), versions=deploy_versions())
+        record = keep_made(store, run_id, deploy_config(source, settings),
+                           label or f"{source.label or source.run_id} | onnx fp32", files, info, acc,
+                           time.perf_counter() - t0, rebuilding=damaged, params=count_params(model),
+                           paper_params=paper_params(model), device=cpu_model(), versions=deploy_versions())
     except BaseException:
         shutil.rmtree(files, ignore_errors=True)
         raise

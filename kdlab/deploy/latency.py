@@ -7,6 +7,12 @@ of the per-call times are reported, and throughput = batch / median.
 ONNX Runtime runs on the CPU with `threads` intra-op threads; PyTorch eager runs with
 `torch.set_num_threads(threads)` on the CPU, and on the GPU where there is one (each call
 synchronised). Every measurement names the CPU (its model name and how many cores it has).
+
+One place for a model's figures, whatever name it was measured by: ONNX Runtime figures go to the
+latency.json of the ONNX run whose file was timed (the one the deployment table reads), whether it
+was named by that run's id, by the trained run it was exported from (whose export is made then if
+it has none), or by a file path (a copy of a run's model, recognised by its sha256); PyTorch
+figures of a trained run go to that run's own folder, `RUNS/deploy/<trained run>/latency.json`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -25,9 +32,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdlab.deploy.runs import LATENCY_FILE, artifact_dir, read_json, write_json
-from kdlab.deploy.runtime import session
-from kdlab.errors import UserError
+from kdlab.deploy.runs import (
+    DEPLOY_DIR,
+    INFO_FILE,
+    LATENCY_FILE,
+    MODEL_FILE,
+    artifact_dir,
+    finished_run,
+    fp32_export,
+    load_run_model,
+    read_json,
+    write_json,
+)
+from kdlab.deploy.runtime import dataset_of, session
+from kdlab.digests import file_sha256
+from kdlab.errors import UserError, warn
+from kdlab.store import Store
 
 WARMUP = 10
 MIN_RUNS = 10
@@ -36,6 +56,7 @@ SECONDS = 1.0
 # `kdlab latency` measures more settings.
 ON_CREATION_BATCHES = (1, 64)
 ON_CREATION_SECONDS = 0.5
+RUNTIMES = ("onnxruntime", "torch")
 
 
 def cpu_model() -> str:
@@ -131,6 +152,86 @@ def torch_latency(model: nn.Module, image_shape: tuple[int, ...], batches: list[
             out.append(_entry("torch-eager", torch.cuda.get_device_name(), b, None, timing))
         model.to("cpu")
     return out
+
+
+def parse_runtimes(text: str | None) -> set[str] | None:
+    """--runtime: a set of runtimes, or None when not given (what suits the model measured)."""
+    if text is None:
+        return None
+    runtimes = {t.strip() for t in text.split(",") if t.strip()}
+    if not runtimes or not runtimes <= set(RUNTIMES):
+        raise UserError(f"--runtime takes onnxruntime and/or torch, got {text!r}")
+    return runtimes
+
+
+def _onnx_only(runtimes: set[str] | None, what: str, source: str) -> None:
+    """PyTorch eager times the trained model, which an ONNX file is not: asked of one, it is refused."""
+    if runtimes is not None and "torch" in runtimes:
+        raise UserError(f"--runtime torch times a trained run in PyTorch, and {what} is an ONNX model: give {source} "
+                        "for PyTorch, or --runtime onnxruntime")
+
+
+def measure_run(store: Store, spec: str, batches: list[int], threads: list[int], runtimes: set[str] | None,
+                seconds: float, data_dir: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """`kdlab latency RUN`: an ONNX run in ONNX Runtime; a trained run in PyTorch and in ONNX Runtime through
+    its fp32 export. Each figure is kept where the module's docstring says. Returns (what, measurements)."""
+    from kdlab.deploy.export import export_run
+    from kdlab.deploy.files import model_file
+
+    record = finished_run(store, spec)
+    what = f"run {record.run_id} ({record.label or record.config['model']})"
+    if "deploy" in record.config:
+        source = record.config["deploy"]["source"]
+        _onnx_only(runtimes, f"run {record.run_id}", f"the trained run it came from, {source}")
+        entries = onnx_latency(model_file(store, record), batches, threads, seconds)
+        save_latency(artifact_dir(store.root, record.run_id), entries)
+        return what, entries
+    runtimes = runtimes or set(RUNTIMES)
+    entries = []
+    if "torch" in runtimes:
+        images = dataset_of(record.config, data_dir).test.images
+        shape = (images.shape[3], images.shape[1], images.shape[2])
+        mine = torch_latency(load_run_model(record, store.root), shape, batches, threads, seconds)
+        save_latency(artifact_dir(store.root, record.run_id), mine)
+        entries += mine
+    if "onnxruntime" in runtimes:
+        export = fp32_export(store.runs(), record.run_id)
+        if export is None:
+            export = export_run(store, record, data_dir=data_dir)
+            print(f"kdlab latency: run {export.run_id} is the ONNX export of run {record.run_id}, made to time it",
+                  file=sys.stderr)
+        theirs = onnx_latency(model_file(store, export), batches, threads, seconds)
+        save_latency(artifact_dir(store.root, export.run_id), theirs)
+        entries += theirs
+    return what, entries
+
+
+def measure_file(path: Path, runs_dir: Path, batches: list[int], threads: list[int], runtimes: set[str] | None,
+                 seconds: float) -> tuple[str, list[dict[str, Any]]]:
+    """`kdlab latency FILE`: ONNX Runtime; kept with the run of `runs_dir` whose model the file is, if any."""
+    _onnx_only(runtimes, str(path), "the trained run it came from")
+    entries = onnx_latency(path, batches, threads, seconds)
+    home = run_of_file(path, runs_dir)
+    if home is None:
+        return str(path), entries
+    try:
+        save_latency(artifact_dir(runs_dir, home), entries)
+    except OSError as e:
+        warn(f"these figures are not kept with run {home} ({e.strerror}: {e.filename})")
+    return f"{path} (the ONNX model of run {home})", entries
+
+
+def run_of_file(path: Path, runs_dir: Path) -> str | None:
+    """The deployment run of `runs_dir` whose model `path` is, by its content's sha256; None if none is."""
+    folder = Path(runs_dir) / DEPLOY_DIR
+    if not folder.is_dir():
+        return None
+    digest = None
+    for run in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        recorded = (read_json(run / INFO_FILE, {}).get("files") or {}).get(MODEL_FILE)
+        if recorded and recorded == (digest := digest or file_sha256(path)):
+            return run.name
+    return None
 
 
 def measure_new_model(path: Path, folder: Path) -> None:

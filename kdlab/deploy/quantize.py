@@ -21,6 +21,7 @@ from typing import Any
 
 from kdlab.deploy import require
 from kdlab.deploy.export import check_opset, deploy_versions
+from kdlab.deploy.files import keep_made, made_before, model_file
 from kdlab.deploy.latency import cpu_model, measure_new_model
 from kdlab.deploy.runs import (
     MODEL_FILE,
@@ -31,8 +32,6 @@ from kdlab.deploy.runs import (
     file_size,
     load_run_model,
     model_args,
-    model_file,
-    record_deploy_run,
     scratch_dir,
 )
 from kdlab.deploy.runtime import (
@@ -74,16 +73,21 @@ def quantize_int8(fp32: Path, out: Path, batches: list[Any]) -> None:
     prepared.unlink()
 
 
+def int8_settings(opset: int, calibration: int) -> dict[str, Any]:
+    """What identifies an int8 model of a run (with the run's id)."""
+    return {"format": "onnx", "opset": opset, "quantize": "int8", "calibration": calibration, "calibrate": "minmax",
+            "weights": "int8 per-channel symmetric", "activations": "uint8 per-tensor"}
+
+
 def int8_run(store: Store, source: RunRecord, fp32: RunRecord, calibration: int = DEFAULT_CALIBRATION, *,
              data_dir: str | None = None, label: str | None = None) -> RunRecord:
     """The int8 model of a trained run (`fp32` is that run's ONNX export), as a run of its own."""
     opset = fp32.config["deploy"]["opset"]
     check_opset(opset)
-    settings = {"format": "onnx", "opset": opset, "quantize": "int8", "calibration": calibration,
-                "calibrate": "minmax", "weights": "int8 per-channel symmetric", "activations": "uint8 per-tensor"}
+    settings = int8_settings(opset, calibration)
     run_id = deploy_id(source.run_id, settings)
-    existing = store.get(run_id)
-    if existing is not None and existing.status == "done":
+    existing, damaged = made_before(store, run_id)
+    if existing is not None and damaged is None:
         return existing
     dataset = dataset_of(source.config, data_dir)
     calib = calibration_loader(source.config, dataset, calibration)  # checks the count first
@@ -92,7 +96,7 @@ def int8_run(store: Store, source: RunRecord, fp32: RunRecord, calibration: int 
     files = scratch_dir(store.root)
     try:
         path = files / MODEL_FILE
-        fp32_path = model_file(store.root, fp32)
+        fp32_path = model_file(store, fp32)
         quantize_int8(fp32_path, path, images(calib))
         require("onnx").checker.check_model(str(path), full_check=True)
         sess, reference = session(path), session(fp32_path)
@@ -104,10 +108,10 @@ def int8_run(store: Store, source: RunRecord, fp32: RunRecord, calibration: int 
                 "image_shape": base.get("image_shape"), "top1_agreement_fp32": agreement,
                 "check_images": len(x), "fp32_run": fp32.run_id, "fp32_acc": fp32.final_acc}
         measure_new_model(path, files)
-        record = record_deploy_run(store, run_id, deploy_config(source, settings),
-                                   label or f"{source.label or source.run_id} | onnx int8", files, info, acc,
-                                   time.perf_counter() - t0, params=fp32.params, paper_params=fp32.paper_params,
-                                   device=cpu_model(), versions=deploy_versions())
+        record = keep_made(store, run_id, deploy_config(source, settings),
+                           label or f"{source.label or source.run_id} | onnx int8", files, info, acc,
+                           time.perf_counter() - t0, rebuilding=damaged, params=fp32.params,
+                           paper_params=fp32.paper_params, device=cpu_model(), versions=deploy_versions())
     except BaseException:
         shutil.rmtree(files, ignore_errors=True)
         raise

@@ -5,7 +5,8 @@ its config copied from the run it serves (dataset, preset, seed, model) plus a `
 the source run's id and the settings (format, opset, quantization). Its id is a hash of those,
 so the same command twice returns the same run. Its accuracy is the test set's through ONNX
 Runtime; its files live in `RUNS/deploy/<run_id>/`: `model.onnx`, `deploy.json` (size, FLOPs,
-agreement with PyTorch...) and `latency.json` (every measurement of `kdlab latency`).
+agreement with PyTorch..., and the sha256 of every file it made) and `latency.json` (every
+measurement of the model, whatever it was measured by: `kdlab.deploy.latency`).
 
 Runs trained for deployment (a pruned model's KD recovery, QAT) are ordinary runs of the loop;
 `parent_of` follows any of these back to the run it came from.
@@ -26,8 +27,9 @@ import torch
 from torch import nn
 
 from kdlab.config import Config
+from kdlab.digests import file_sha256
 from kdlab.errors import RunBusy, UserError
-from kdlab.store import RunRecord, Store
+from kdlab.store import RunRecord, Store, read_checkpoint_file
 
 DEPLOY_DIR = "deploy"
 PRUNED_DIR = "pruned"
@@ -118,7 +120,7 @@ def record_deploy_run(store: Store, run_id: str, config: dict[str, Any], label: 
         target = artifact_dir(store.root, run_id)
         if target.exists():  # left by a process killed between these lines
             shutil.rmtree(target)
-        write_json(files / INFO_FILE, info)
+        write_json(files / INFO_FILE, {**info, "files": file_digests(files)})
         os.replace(files, target)
         store.set_info(run_id, device=device, versions_json=versions, params=params, paper_params=paper_params)
         store.finish(run_id, {"final_acc": final_acc, "best_acc": final_acc, "best_epoch": 1, "wall_s": wall_s,
@@ -133,12 +135,11 @@ def deploy_info(root: Path, run_id: str) -> dict[str, Any]:
     return read_json(artifact_dir(root, run_id) / INFO_FILE, {})
 
 
-def model_file(root: Path, record: RunRecord) -> Path:
-    """The ONNX file a deployment run serves."""
-    path = artifact_dir(root, record.run_id) / MODEL_FILE
-    if "deploy" not in record.config or not path.is_file():
-        raise UserError(f"run {record.run_id} has no ONNX file in {path.parent}")
-    return path
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of each file a deployment run made (its model and any external data), by name: kept in
+    its deploy.json and checked whenever the model is used (kdlab.deploy.files)."""
+    return {p.name: file_sha256(p) for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.name not in (INFO_FILE, LATENCY_FILE)}
 
 
 def copy_run_files(src: Path, dst: Path, record: RunRecord) -> None:
@@ -163,9 +164,10 @@ def copy_run_files(src: Path, dst: Path, record: RunRecord) -> None:
 
 
 def read_json(path: Path, default: Any) -> Any:
+    """A JSON file's content; `default` when it is missing or damaged (the files checks say which)."""
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError, json.JSONDecodeError):
         return default
 
 
@@ -222,7 +224,7 @@ def load_run_model(record: RunRecord, root: Path) -> nn.Module:
                         f"give the run it came from, {record.config['deploy']['source']}")
     if record.checkpoint is None:
         raise UserError(f"run {record.run_id} has no checkpoint in {root}")
-    ckpt = torch.load(record.checkpoint, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint_file(record.checkpoint)
     cfg = record.config
     model = create_model(cfg["model"], cfg["width"], ckpt["model"]["num_classes"], **model_args(cfg, root))
     qat = cfg.get("method") == "qat"

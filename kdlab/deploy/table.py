@@ -20,11 +20,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kdlab.deploy.files import file_problem, problem_line
 from kdlab.deploy.latency import load_latency
 from kdlab.deploy.runs import deploy_info, fp32_export, lineage
+from kdlab.errors import warn
 from kdlab.store import RunRecord, Store
 
-COLUMNS = ("model", "kind", "precision", "params", "mflops", "size_mb", "b1_ms", "b64_ms", "acc", "delta", "run_id")
+COLUMNS = ("model", "kind", "precision", "params", "mflops", "size_mb", "b1_ms", "b64_ms", "acc", "delta", "run_id",
+           "file")
 HEADER = ("Model", "Kind", "Precision", "Params", "MFLOPs", "Size (MB)", "Latency b1 (ms)", "Latency b64 (ms)",
           "Acc (%)", "Δ vs fp32", "Run")
 NOTE = ("Served models: accuracy through ONNX Runtime on the test set; latency in ONNX Runtime on the CPU, one "
@@ -48,6 +51,7 @@ class Row:
     delta: float | None
     run_id: str
     cpu: str | None = None
+    file: str = "ok"  # or what is wrong with the model's file: its measured results stand, the file does not
 
 
 @dataclass
@@ -78,6 +82,11 @@ def build_deployment(store: Store, dataset: str | None = None, preset: str | Non
         # Names as the report gives them: relative to the width of the group's teachers.
         tw = study_teacher_width([lineage(r, by_id)[-1] for r in members], by_id)
         rows = [_row(store.root, r, by_id, referenced, tw) for r in members]
+        for r, row in zip(members, rows, strict=True):
+            problem = file_problem(store.root, r)
+            if problem is not None:
+                row.file = f"{'missing' if problem.endswith('missing') else 'damaged'}: {problem}"
+                warn(problem_line(by_id, r, problem))
         groups[key] = sorted(rows, key=lambda row: (row.model, kind_rank(row.kind), row.precision))
     return Deployment(groups)
 
@@ -156,7 +165,7 @@ def _cells(row: Row) -> list[str]:
 
     return [row.model, row.kind, row.precision, num(row.params, ","), num(row.mflops, ".1f"),
             num(row.size_mb, ".3f"), num(row.b1_ms, ".3f"), num(row.b64_ms, ".2f"), f"{row.acc:.2f}",
-            num(row.delta, "+.2f"), row.run_id[:8]]
+            num(row.delta, "+.2f"), row.run_id[:8] + ("" if row.file == "ok" else f" ({row.file.split(':')[0]})")]
 
 
 def render_deployment(table: Deployment, fmt: str = "md") -> str:

@@ -10,7 +10,10 @@ the compute: the weights of every conv and linear layer rounded per output chann
 int8 (-127..127, scale max|w|/127: unchanged by folding a following BatchNorm into the conv,
 which only rescales each output channel), and their inputs rounded per tensor to uint8 over a
 range tracked as a moving average of the batch min/max. Gradients pass straight through the
-rounding. The int8 model itself is then made by ONNX Runtime from the fine-tuned float weights
+rounding (within the grid's range; outside it, as in PyTorch's fake-quantize kernels, not at all).
+The rounding is written out (`fake_quantize`), not taken from `torch.fake_quantize_*`, whose kernels
+read the zero point on the host: a step that waits for the device cannot be captured as a CUDA
+graph. The values are the same. The int8 model itself is then made by ONNX Runtime from the fine-tuned float weights
 (`kdlab compress`), calibrated as post-training quantization is.
 """
 
@@ -28,13 +31,36 @@ RANGE_MOMENTUM = 0.01  # weight of each new batch in the input ranges (torch's o
 QUANTIZED = (nn.Conv2d, nn.Linear)
 
 
+class _FakeQuantize(torch.autograd.Function):
+    """Round to the integer grid (scale, zero point, [lo, hi]) and back, as PyTorch's fake-quantize
+    kernels do: q = clamp(round(x * (1 / scale)) + zero, lo, hi), out = (q - zero) * scale. The
+    gradient passes straight through where x falls inside the grid's range and is zero outside it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero: Tensor, lo: int, hi: int) -> Tensor:
+        q = torch.round(x * scale.reciprocal()) + zero
+        inside = (q >= lo) & (q <= hi)
+        ctx.save_for_backward(inside)
+        return (q.clamp(lo, hi) - zero) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero: Tensor, lo: int, hi: int) -> Tensor:
+    """`x` rounded to the int grid and back (float32 `scale` and `zero` broadcast against `x`)."""
+    return _FakeQuantize.apply(x, scale, zero, lo, hi)
+
+
 class WeightFakeQuant(nn.Module):
     """Per-output-channel symmetric int8 rounding of a weight (a parametrization)."""
 
     def forward(self, w: Tensor) -> Tensor:
         scale = (w.detach().abs().amax(dim=tuple(range(1, w.dim()))) / 127).clamp(min=1e-8).float()
-        zero = torch.zeros_like(scale, dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(w.float(), scale, zero, 0, -127, 127).to(w.dtype)
+        scale = scale.view(-1, *([1] * (w.dim() - 1)))
+        return fake_quantize(w.float(), scale, torch.zeros_like(scale), -127, 127).to(w.dtype)
 
 
 class InputFakeQuant(nn.Module):
@@ -56,8 +82,8 @@ class InputFakeQuant(nn.Module):
                 self.seen.fill_(True)
         lo, hi = self.lo.clamp(max=0.0), self.hi.clamp(min=0.0)  # zero is exactly representable
         scale = ((hi - lo) / 255).clamp(min=1e-8)
-        zero = (-lo / scale).round().clamp(0, 255).to(torch.int32)
-        return torch.fake_quantize_per_tensor_affine(x.float(), scale, zero, 0, 255).to(x.dtype)
+        zero = (-lo / scale).round().clamp(0, 255)
+        return fake_quantize(x.float(), scale, zero, 0, 255).to(x.dtype)
 
 
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:

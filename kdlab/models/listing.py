@@ -39,12 +39,30 @@ def print_table(rows: list[dict[str, Any]], image_size: int) -> None:
         print(f"note: {note}")
 
 
-def source_names() -> dict[str, list[str]]:
-    """The model names each source can build (an empty list where its library is not installed)."""
-    out = {"kdlab": list_models()}
+def source_names() -> dict[str, list[str] | str]:
+    """The model names a user can give, by source: a list of names, or one line saying why there is none
+    (its library is not installed) or what the source's names are (models kdlab makes itself)."""
+    out: dict[str, list[str] | str] = {"kdlab": list_models()}
     for prefix, source in sorted(list_sources().items()):
+        if source.about:
+            out[prefix] = source.about
+            continue
         try:
             out[prefix] = source.names()
-        except UserError:
-            out[prefix] = []
+        except UserError as e:
+            out[prefix] = str(e)
     return out
+
+
+def print_sources() -> None:
+    """`kdlab models --all`: every name to type, by source; then what the other sources' names are."""
+    about = []
+    for prefix, names in source_names().items():
+        if isinstance(names, str):
+            about.append(f"{prefix}: {names}")
+            continue
+        print(f"{prefix}: {len(names)} models")
+        for name in names:
+            print(f"  {name}" if prefix == "kdlab" else f"  {prefix}:{name}")
+    for line in about:
+        print(line)

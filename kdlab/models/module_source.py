@@ -41,6 +41,8 @@ class ModuleSource(ModelSource):
     """Modules registered in this process by the Python API."""
 
     prefix = "module"
+    about = ("an nn.Module given to kdlab.train or kdlab.distill in Python, named module:<Class>.<digest> in the "
+             "process that gave it")
 
     def __init__(self) -> None:
         self._modules: dict[str, nn.Module] = {}

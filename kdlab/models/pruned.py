@@ -57,11 +57,20 @@ def save_pruned(model: nn.Module, base: dict[str, Any], folder: Path) -> tuple[s
     digest = state_digest(state, base)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{digest[:16]}.pt"
-    if not path.exists():
+    if not path.exists() or _saved_digest(path, base) != digest:  # a damaged file is written again
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save({"format": PRUNED_FORMAT, "version": 1, "base": base, "state": state}, tmp)
         os.replace(tmp, path)
     return digest, path
+
+
+def _saved_digest(path: Path, base: dict[str, Any]) -> str | None:
+    """The digest of the pruned weights in a file, None when it cannot be read."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return state_digest(saved["state"], base)
+    except Exception:  # noqa: BLE001 (a damaged file fails in many ways)
+        return None
 
 
 def resize_to(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -108,6 +117,7 @@ class PrunedSource(ModelSource):
     """`pruned:BASE`: BASE with the channel counts and starting weights of a file written by `kdlab compress`."""
 
     prefix = "pruned"
+    about = "a model with channels removed by `kdlab compress RUN --prune RATIO`, named pruned:<model> in its runs"
 
     def check(self, name: str) -> None:
         check_model_name(name)
@@ -121,16 +131,21 @@ class PrunedSource(ModelSource):
             raise UserError(f"model pruned:{name} needs model_args {', '.join(missing)}: pruned models are made by "
                             "`kdlab compress RUN --prune RATIO`")
         path = Path(model_args["path"])
+        again = (f"`kdlab compress {str(model_args['parent'])[:8]} --prune {model_args['ratio']:g} --criterion "
+                 f"{model_args['criterion']}` writes them again")
         if not path.is_file():
-            raise UserError(f"pruned weights {path} are missing (was the runs dir moved? run the same "
-                            "`kdlab compress` again to write them)")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+            raise UserError(f"pruned weights {path} are missing (was the runs dir moved?): {again}")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (a damaged zip or pickle fails in many ways)
+            raise UserError(f"pruned weights {path} are damaged ({type(e).__name__}): {again}") from None
         base = {"model": name, "width": float(width), "num_classes": int(num_classes)}
-        if saved.get("format") != PRUNED_FORMAT or saved.get("base") != base:
+        if not isinstance(saved, dict) or saved.get("format") != PRUNED_FORMAT or saved.get("base") != base:
             raise UserError(f"{path} does not hold pruned weights of {name} at width {width:g} with "
                             f"{num_classes} classes")
         if state_digest(saved["state"], base) != model_args["sha256"]:
-            raise UserError(f"{path} does not hold the pruned weights this run started from (digest differs)")
+            raise UserError(f"pruned weights {path} are damaged or not the ones this run started from (their "
+                            f"sha256 differs): {again}")
         model = create_model(name, width, num_classes)
         resize_to(model, saved["state"])
         _measure_stage_channels(model)

@@ -33,6 +33,9 @@ class ModelSource:
     and implement ``create`` (and ``names`` to be listed by ``kdlab models --all``)."""
 
     prefix: str = ""
+    # For a source whose names are not typed by a user (made by kdlab itself): what its names are, for
+    # `kdlab models --all`, which lists the names of the other sources.
+    about: str = ""
 
     def create(self, name: str, width: float, num_classes: int, **model_args: Any) -> nn.Module:
         """Build model ``name`` (the part after ``PREFIX:``); raise UserError for what cannot be built."""

@@ -14,6 +14,7 @@ from torch import nn
 
 from kdlab.errors import UserError
 from kdlab.models.foreign import ForeignModel, import_extra, pop_feature_nodes, unknown_model
+from kdlab.models.hub import check_download, hub_offline_unless_reachable
 from kdlab.models.registry import ModelSource, register_source
 
 
@@ -31,9 +32,21 @@ class TimmSource(ModelSource):
             raise UserError(f"timm:{name} is built as named (width 1), not at width {width:g}: choose a smaller "
                             "variant by name (e.g. timm:resnet10t, timm:mobilenetv3_small_050)")
         args = {"pretrained": False, **args, "num_classes": num_classes}
+        offline = None
         try:
-            net = timm.create_model(name, **args)
+            if not args["pretrained"]:
+                net = timm.create_model(name, **args)
+            else:
+                _check_url_download(timm, name)
+                with hub_offline_unless_reachable() as offline:
+                    net = timm.create_model(name, **args)
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 (timm's own errors: bad arguments, failed download)
+            if offline is not None:
+                raise UserError(f"timm:{name}: its published weights are not in the Hugging Face hub's cache and "
+                                f"{offline} cannot be reached from here: give a local file with --set weights=PATH "
+                                "(a state dict)") from None
             hint = (" (pretrained weights are fetched from the network: on a machine without it, give a local file "
                     "with --set weights=PATH)") if args["pretrained"] else ""
             raise UserError(f"timm:{name} could not be built with {args}: {type(e).__name__}: "
@@ -47,3 +60,13 @@ class TimmSource(ModelSource):
         timm = import_extra("timm", "timm")
         if not timm.is_model(name):
             raise unknown_model("timm", name, timm.list_models())
+
+
+def _check_url_download(timm: Any, name: str) -> None:
+    """Weights timm fetches from a plain URL (not the hub): fail at once when they cannot be."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 (no pretrained config: timm says so itself)
+        return
+    if cfg is not None and not getattr(cfg, "hf_hub_id", None) and getattr(cfg, "url", None):
+        check_download(cfg.url, f"timm:{name}")

@@ -16,6 +16,7 @@ from torch import nn
 
 from kdlab.errors import UserError
 from kdlab.models.foreign import ForeignModel, import_extra, pop_feature_nodes, unknown_model
+from kdlab.models.hub import check_download
 from kdlab.models.registry import ModelSource, register_source
 
 # The constructor argument that scales every layer's width, for the families that have one.
@@ -49,6 +50,7 @@ class TorchvisionSource(ModelSource):
             if weights is None:
                 net = models.get_model(name, weights=None, num_classes=num_classes, **args)
             else:  # published weights come with their own classifier: replace it for the data's classes
+                _check_weights_download(models, name, weights)
                 net = replace_head(models.get_model(name, weights=weights, **args), num_classes, name)
         except UserError:
             raise
@@ -68,6 +70,15 @@ class TorchvisionSource(ModelSource):
         known = self.names()
         if name not in known:
             raise unknown_model("torchvision", name, known)
+
+
+def _check_weights_download(models: Any, name: str, weights: Any) -> None:
+    """Published weights not in torch.hub's cache, on a machine that cannot fetch them: fail at once."""
+    try:
+        url = models.get_model_weights(name).verify(weights).url
+    except Exception:  # noqa: BLE001 (unknown weights: torchvision says so itself when building)
+        return
+    check_download(url, f"torchvision:{name}")
 
 
 def replace_head(net: nn.Module, num_classes: int, name: str) -> nn.Module:

@@ -36,8 +36,8 @@ def read_checkpoint(path: Path, trust: bool = False) -> Any:
         if not trust and "weights_only" in str(e).lower().replace(" ", "_"):
             raise UserError(f"{path} holds pickled objects (a whole model?), and loading them runs code from the "
                             "file: if you trust it, add --trust-checkpoint (Python: trust_checkpoint=True)") from None
-        raise UserError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}): give a kdlab checkpoint "
-                        "or a state dict saved with torch.save") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint, or a damaged one ({type(e).__name__}): give a kdlab "
+                        "checkpoint or a state dict saved with torch.save") from None
 
 
 def plain_state(obj: Any) -> dict[str, Tensor] | None:
@@ -63,7 +63,7 @@ def load_state(model: nn.Module, state: dict[str, Tensor], what: str, skip_head:
 
     With ``skip_head``, tensors of the classifier that do not fit the model's classes are left
     as initialised (weights of another task); the skipped keys are returned. Anything else that
-    does not fit is a UserError naming the first difference.
+    does not fit is a UserError counting the differences and naming the first few.
     """
     own = isinstance(model, ForeignModel) and all(k.startswith("net.") for k in state)
     target = model if own else inner(model)
@@ -75,14 +75,29 @@ def load_state(model: nn.Module, state: dict[str, Tensor], what: str, skip_head:
                    and mine[k].ndim >= 1 and mine[k].shape[0] == classes]
         state = {k: v for k, v in state.items() if k not in skipped}
         state.update({k: mine[k] for k in skipped})
-    try:
-        target.load_state_dict(state)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        first = lines[1] if len(lines) > 1 else lines[0]
-        raise UserError(f"{what} does not fit {getattr(model, 'name', '') or type(model).__name__}: "
-                        f"{first[:300]}") from None
+    misfit = key_differences(target.state_dict(), state)
+    if misfit:
+        raise UserError(f"{what} does not fit {getattr(model, 'name', '') or type(model).__name__}: {misfit}")
+    target.load_state_dict(state)
     return skipped
+
+
+def key_differences(mine: dict[str, Tensor], theirs: dict[str, Tensor], shown: int = 3) -> str:
+    """How a state dict differs from a model's: how many keys are missing, unexpected or of another
+    shape, with the first few of each whole ('' when it fits)."""
+
+    def some(keys: list[str]) -> str:
+        more = f", ... {len(keys) - shown} more" if len(keys) > shown else ""
+        return ", ".join(keys[:shown]) + more
+
+    missing = [k for k in mine if k not in theirs]
+    unexpected = [k for k in theirs if k not in mine]
+    shapes = [f"{k} {tuple(theirs[k].shape)} in the file, {tuple(mine[k].shape)} in the model"
+              for k in mine if k in theirs and tuple(mine[k].shape) != tuple(theirs[k].shape)]
+    parts = ([f"{len(missing)} keys missing ({some(missing)})"] if missing else []) + \
+            ([f"{len(unexpected)} unexpected ({some(unexpected)})"] if unexpected else []) + \
+            ([f"{len(shapes)} of another shape ({some(shapes)})"] if shapes else [])
+    return "; ".join(parts)
 
 
 def load_initial_weights(model: nn.Module, path: str | Path) -> None:
@@ -94,6 +109,9 @@ def load_initial_weights(model: nn.Module, path: str | Path) -> None:
     obj = read_checkpoint(p)
     state = plain_state(obj)
     if state is None and isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        from kdlab.store import check_checkpoint
+
+        check_checkpoint(obj, p)
         state = obj["student"]
     if state is None:
         raise UserError(f"weights file {p} holds no state dict")
