@@ -22,6 +22,7 @@ from kdlab.data.arrays import array_identity, as_dataset
 from kdlab.data.checks import check_teacher_data, check_unchanged
 from kdlab.data.residency import input_size
 from kdlab.errors import UserError, warn
+from kdlab.loggers.base import log_finished
 from kdlab.loop import CHECKPOINT_FORMAT, prepare_teacher
 from kdlab.loop import run as run_training
 from kdlab.models import create_model, input_size_note
@@ -146,6 +147,7 @@ def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: nn.Modul
         done = existing.get(cfg.run_hash())
         existing.close()
         if done is not None and done.status == "done":
+            log_finished(cfg, done, label, runs)  # e.g. --mlflow on a run finished before: its stored record
             return done
     # Load the data and check the models before touching the database: a bad data dir, a teacher for
     # other classes or a model without the features its method needs must leave it unchanged.

@@ -294,9 +294,12 @@ def _print_record(record: Any) -> int:
     print(f"checkpoint {record.checkpoint}")
     if record.diverged:
         # Finished, but not a result: say so last, where it is read, and exit non-zero for scripts.
-        why = record.health.partition(": ")[2]
-        print(f"run {record.run_id} DIVERGED: {why}; its accuracy is not a result (the report lists it as "
-              "diverged): lower the lr or the method's loss weights")
+        from kdlab.health import advice
+
+        kind, _, why = record.health.partition(": ")
+        tail = "" if kind == "test at chance" else f": {advice(record.health)}"  # its cause says what to do
+        print(f"run {record.run_id} {kind.upper()}: {why}; its accuracy is not a result (the report lists it as "
+              f"{kind}){tail}")
         return 1
     return 0
 
@@ -310,7 +313,7 @@ def _grid(args: argparse.Namespace) -> int:
     from kdlab import distributed
     from kdlab.api import default_runs_dir
     from kdlab.deploy.compress import compress_grid, parse_compress, plan_lines
-    from kdlab.grid import GridSpec, plan, provisional, run_with_workers, states
+    from kdlab.grid import GridSpec, log_finished_runs, plan, provisional, run_with_workers, states
     from kdlab.store import DB_NAME, Store
 
     if distributed.current() is not None:
@@ -344,6 +347,7 @@ def _grid(args: argparse.Namespace) -> int:
                  "content once it has read it")
         return 0
     log, failed_workers = echo, 0
+    log_finished_runs(runs, runs_dir)  # --mlflow on runs finished before: their stored records
     if args.ray:
         from kdlab.ray_grid import run_grid_ray
 

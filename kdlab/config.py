@@ -24,6 +24,7 @@ from kdlab.errors import UserError
 PRESETS = ("paper", "fast", "smoke", "imagenet")
 SCHEDULERS = ("cosine", "multistep", "onecycle", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")  # and "auto", settled when the config is built (kdlab.device.auto_precision)
+BN_STATS = ("auto", "running", "train")  # kdlab.bnstats
 COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 _OWN_GRAPHS = ("reduce-overhead", "max-autotune")  # compile modes that capture CUDA graphs themselves
 
@@ -82,6 +83,9 @@ class Config:
     augment: bool = True
     augmentation: str = "pad-crop"  # what augment does: pad-crop (CIFAR) or random-resized-crop (ImageNet)
     crop_size: int = 0  # train and evaluate on crops of this side (random-resized-crop); 0: the stored size
+    # BatchNorm statistics for evaluation (kdlab.bnstats): auto, running (PyTorch's), or train (re-estimated on
+    # the training set before each evaluation). bind_dataset settles auto; auto and running are not hashed.
+    bn_stats: str = "auto"
     # the engine
     precision: str = "fp32"  # fp32, bf16, fp16 (with loss scaling), or auto: chosen from the device when built
     channels_last: bool = False
@@ -111,6 +115,9 @@ class Config:
                 if k not in skip and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
         if "model_args" in data:
             data["model_args"] = {k: v for k, v in data["model_args"].items() if k not in _LOCATION_MODEL_ARGS}
+        if data.get("bn_stats") in ("auto", "running"):
+            # What every run computed before the setting existed (auto is settled when the data is bound).
+            del data["bn_stats"]
         versions = _method_versions(self)
         if versions:
             data["method_versions"] = versions
@@ -175,8 +182,12 @@ def bind_dataset(cfg: Config, identity: Any = None) -> Config:
         from kdlab.data import identify_dataset
 
         identity = identify_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir)
-    return dataclasses.replace(cfg, dataset=identity.location, data_fingerprint=identity.fingerprint,
-                               data_info=dict(identity.info))
+    from kdlab import bnstats
+
+    bound = dataclasses.replace(cfg, dataset=identity.location, data_fingerprint=identity.fingerprint,
+                                data_info=dict(identity.info))
+    # Whether BatchNorm statistics are re-estimated depends on the run's step count, known from here on.
+    return dataclasses.replace(bound, bn_stats=bnstats.resolve(bound))
 
 
 def preset_values(preset: str, model: str) -> dict[str, Any]:
@@ -324,6 +335,7 @@ def validate(cfg: Config) -> None:
         (cfg.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}"),
         (cfg.precision in PRECISIONS,
          f"precision must be one of {', '.join(PRECISIONS)} or auto, got {cfg.precision!r}"),
+        (cfg.bn_stats in BN_STATS, f"bn_stats must be one of {', '.join(BN_STATS)}, got {cfg.bn_stats!r}"),
         (cfg.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}"),
         (all(0 < m < 1 for m in cfg.milestones), "milestones are fractions of the epochs, each in (0, 1)"),
         (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),

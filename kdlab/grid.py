@@ -255,6 +255,26 @@ def states(runs: list[PlannedRun], store: Any | None) -> list[str]:
     return out
 
 
+def log_finished_runs(runs: list[PlannedRun], runs_dir: str | Path) -> None:
+    """Runs the grid finished before, asked for again with a logger that lacks them (``--mlflow``):
+    logged from their stored records, once, by the process that starts the grid (`log_finished`)."""
+    from kdlab.loggers import LOGGERS
+    from kdlab.loggers.base import log_finished
+    from kdlab.store import DB_NAME, Store
+
+    wanted = [r for r in runs if any(cls.wanted(r.cfg) for cls in LOGGERS.values())]
+    if not wanted or not (Path(runs_dir) / DB_NAME).exists():
+        return
+    store = Store(runs_dir, readonly=True)
+    try:
+        for r in wanted:
+            rec = store.get(r.run_id)
+            if rec is not None and rec.status == "done":
+                log_finished(r.cfg, rec, r.label, Path(runs_dir))
+    finally:
+        store.close()
+
+
 def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True, silent: bool = False,
              log: Any = print, dataset: Any = None) -> dict[str, int]:
     """Run every planned run not yet done; returns counts of what happened.

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdlab import distributed, graphs, health
+from kdlab import bnstats, distributed, graphs, health
 from kdlab.checkpoints import CheckpointWriter, to_host
 from kdlab.config import Config
 from kdlab.data import dataset_for
@@ -253,6 +253,7 @@ def _train_epochs(jobs: list[Job], engine: Engine, train_loader: SplitLoader, de
         data_before = group_timer.collect().get("data", 0.0)
         _train_epoch(engine, active, train_loader, group_timer, epoch, store)
         alive = [j for j in active if j.alive]
+        _reestimate_bn(alive, train_loader, epoch)
         results = engine.evaluate(alive) if alive else {}
         # Charge the epoch's wall time to the runs in proportion to the device time each used.
         wall = time.perf_counter() - t0
@@ -301,6 +302,17 @@ def _train_epoch(engine: Engine, jobs: list[Job], loader: SplitLoader, group_tim
                 _check_finite(job, engine, store, epoch)
 
 
+def _reestimate_bn(jobs: list[Job], loader: SplitLoader, epoch: int) -> None:
+    """bn_stats=train: BatchNorm statistics re-estimated over the epoch's training batches, eagerly and
+    in place, before the evaluation (kdlab.bnstats); charged to the runs' evaluation time."""
+    jobs = [j for j in jobs if j.cfg.bn_stats == "train"]
+    if not jobs:
+        return
+    for job in jobs:
+        with job.timer("eval"):
+            bnstats.reestimate([job.s.student], loader.epoch(epoch), job.s.autocast)
+
+
 def _check_finite(job: Job, engine: Engine, store: Store, epoch: int) -> None:
     """Every SYNC_EVERY steps: the one wait for the device. A non-finite loss fails the run."""
     sums = engine.read(job)
@@ -339,8 +351,14 @@ def _finish(job: Job, store: Store, engine: Engine, device: torch.device, group_
     store.finish(job.run_id, {"final_acc": history[-1]["test_acc"], "best_acc": history[best]["test_acc"],
                               "best_epoch": best + 1, "wall_s": job.elapsed, "timing": timing,
                               "peak_mem_bytes": peak,
-                              "health": health.assess(history, getattr(job.s.student, "num_classes", None))})
+                              "health": health.assess(history, getattr(job.s.student, "num_classes", None),
+                                                      bn_note=_bn_note(job, engine))})
     job.log.finish(store.get(job.run_id), store.checkpoint_path(job.run_id))
+
+
+def _bn_note(job: Job, engine: Engine) -> str | None:
+    """What the health check may say of the student's BatchNorm statistics (kdlab.bnstats)."""
+    return bnstats.describe(job.s.student, job.cfg, job.cfg.epochs * len(engine.train))
 
 
 def _resume(store: Store, run_id: str, s: Setup, timer: SegmentTimer) -> tuple[int, list[dict[str, Any]], float]:

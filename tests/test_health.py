@@ -29,6 +29,53 @@ def test_collapse_after_learning_is_diverged():
     assert assess(_history([2.0, 1.2, 0.9, 1.0, 1.2], [30.0, 60.0, 75.0, 40.0, 12.0])) == "ok"  # chance unknown
 
 
+def test_a_run_that_never_learns_is_flagged():
+    # What DKD did at its old defaults to vgg16@0.125 on 1,437 digits (seed 0): a finite, flat loss and
+    # training accuracy at chance for all 15 epochs; the rising-loss rule does not see it.
+    losses = [37.07, 43.91, 96.61, 46.2, 46.38, 45.81, 45.98, 46.29, 45.87, 46.08, 45.5, 45.68, 45.69, 46.24, 45.99]
+    accs = [10.9, 13.4, 11.8, 11.3, 11.3, 11.3, 10.8, 10.9, 10.7, 10.8, 10.6, 10.6, 10.7, 10.7, 10.8]
+    verdict = assess(_history(losses, accs), 10)
+    assert verdict == ("not learning: training accuracy stayed at chance (10.0%) for all 15 epochs (at most 13.4%) "
+                       "while the training loss stayed finite (37.1 -> 46)")
+    assert assess(_history([2.3, 2.3, 2.29], [10.0, 12.0, 16.0]), 10) == "ok"  # slowly, but learning
+    assert assess(_history([2.3, 2.3], [10.0, 10.5]), 10) == "ok"  # two epochs: too early to say
+
+
+def test_a_test_accuracy_at_chance_after_training_far_above_it_is_flagged():
+    # torchvision's mobilenet_v3_small on a 3-class folder: BatchNorm running statistics never settled.
+    history = [{"train_loss": loss, "train_acc": acc, "test_acc": 100 / 3}
+               for loss, acc in ((1.1, 37.5), (0.8, 68.8), (0.7, 66.0))]
+    verdict = assess(history, 3)
+    assert verdict.startswith("test at chance: test accuracy 33.3% is chance (33.3%, 3 classes) while training "
+                              "accuracy reached 66.0%: the model in eval mode does not behave as in training; most "
+                              "often BatchNorm running statistics that never settled")
+    assert verdict.endswith("--set bn_stats=train")
+    assert assess(history, 3, bn_note="its BatchNorm running statistics never settled: momentum 0.01").endswith(
+        "momentum 0.01")  # what the loop knows of the model is said instead
+    history[-1]["test_acc"] = 52.0
+    assert assess(history, 3) == "ok"
+    history[-1]["train_acc"] = 45.0  # barely above chance itself: a test at chance says nothing yet
+    history[-1]["test_acc"] = 100 / 3
+    assert assess(history, 3) == "ok"
+
+
+def test_each_verdict_is_printed_with_what_to_do(capsys):
+    from kdlab.cli import _print_record
+    from kdlab.config import build_config
+
+    cfg = build_config("smoke", "vgg16", overrides={"width": 0.0625, "dataset": "synthetic"})
+    for health, expected in (("not learning: training accuracy stayed at chance (10.0%) for all 15 epochs",
+                              "NOT LEARNING: training accuracy stayed at chance (10.0%) for all 15 epochs; its "
+                              "accuracy is not a result (the report lists it as not learning): lower the lr"),
+                             ("test at chance: test accuracy 33.3% ...; re-estimate them with --set bn_stats=train",
+                              "TEST AT CHANCE: test accuracy 33.3% ...; re-estimate them with --set bn_stats=train; "
+                              "its accuracy is not a result (the report lists it as test at chance)\n")):
+        record = RunRecord(run_id="abc", config=cfg.to_dict(), status="done", final_acc=10.0, best_acc=10.0,
+                           best_epoch=1, wall_s=1.0, health=health)
+        assert _print_record(record) == 1
+        assert expected in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("losses, accs", [
     ([2.3, 2.1, 1.5, 1.0, 0.7], [12.0, 25.0, 45.0, 60.0, 75.0]),  # learning
     ([2.3, 2.3], [10.0, 10.5]),  # too short to judge: not learned yet is not diverged

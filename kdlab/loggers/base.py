@@ -6,6 +6,11 @@ term, seconds), `finish` when it is done (the stored result, the checkpoint and 
 and `close`. Each logger is one file with one `@register_logger` class, imported lazily with its
 library. A logger that fails (server down, disk full) warns once on stderr and is dropped:
 training goes on, and the runs database stays the source of truth.
+
+Every logger names its numbers the same way (`epoch_scalars`, `final_scalars`): ``train/loss``,
+``test/acc``, ``terms/ce``, ``final/acc``..., so a chart in TensorBoard and one in MLflow have one
+name. A run that finished before and is asked for again with a logger that lacks it
+(``--mlflow`` on a finished run) is logged from its stored record (`log_finished`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,14 @@ def register_logger(cls: type[Logger]) -> type[Logger]:
     return cls
 
 
+def default_label(config: dict[str, Any]) -> str:
+    """A label for a run started without one (``kdlab train``, ``kdlab distill``, the Python API), in
+    the grid's style: ``resnet18@0.5 <- 1a2b3c4d kd s0``, so that a list of runs reads by what they are."""
+    teacher = config.get("teacher")
+    source = f" <- {str(teacher)[:8]}" if teacher else ""
+    return f"{config['model']}@{config['width']:g}{source} {config['method']} s{config['seed']}"
+
+
 @dataclass
 class RunStart:
     """What a logger knows of its run from the start."""
@@ -62,11 +75,17 @@ class Logger:
     name: ClassVar[str] = ""
     package: ClassVar[str] = ""  # the module it needs
     extra: ClassVar[str] = ""  # the kdlab extra that installs it
+    asked: ClassVar[bool] = False  # only on the user's request (--mlflow): say what happens to a finished run
 
     @classmethod
     def wanted(cls, cfg: Config) -> bool:
         """Whether this run logs here."""
         return False
+
+    @classmethod
+    def logged(cls, run: RunStart) -> str | None:
+        """Where a run that finished before is logged here already (None: it is not, log it now)."""
+        return None
 
     def __init__(self, run: RunStart):
         self.run = run
@@ -145,15 +164,75 @@ def start_loggers(cfg: Config, run_id: str, label: str, store: Store) -> RunLogg
     run on several processes only the one that writes the store logs."""
     if not getattr(store, "is_writer", True):
         return RunLoggers()
-    run = RunStart(run_id, label, cfg.to_dict(), Path(store.root))
+    # A run started without a label (kdlab train / distill, the Python API) is shown by what it is.
+    run = RunStart(run_id, default_label(cfg.to_dict()) if label == run_id else label, cfg.to_dict(),
+                   Path(store.root))
     loggers = []
     for cls in LOGGERS.values():
         if cls.wanted(cfg):
-            try:
-                loggers.append(cls(run))
-            except Exception as e:  # noqa: BLE001 (a logger must never fail the run)
-                _warn(cls.name, e)
+            loggers += start_one(cls, run).loggers
     return RunLoggers(loggers)
+
+
+def log_finished(cfg: Config, record: RunRecord, label: str | None, runs_dir: Path) -> None:
+    """A run that finished before, asked for again: log its stored epochs and result to each logger
+    the config asks for that does not have it yet, and say so in one line (for a logger asked for by
+    name, such as MLflow, also when it has the run already). Nothing here can fail the command."""
+    if record.status != "done":
+        return
+    run = RunStart(record.run_id, label or default_label(record.config), cfg.to_dict(), Path(runs_dir))
+    for cls in LOGGERS.values():
+        if not cls.wanted(cfg):
+            continue
+        try:
+            where = cls.logged(run)
+        except Exception as e:  # noqa: BLE001 (a logger must never fail the command)
+            _warn(cls.name, e)
+            continue
+        if where is not None:
+            if cls.asked:
+                _note(f"run {record.run_id} finished before and is in {cls.name} already ({where}): nothing to log")
+            continue
+        loggers = start_one(cls, run)
+        for epoch in record.history:
+            loggers.epoch(epoch["epoch"], epoch)
+        loggers.finish(record, Path(record.checkpoint) if record.checkpoint else None)
+        loggers.close()
+        if loggers.loggers:  # still there: nothing failed
+            _note(f"run {record.run_id} finished before: its {record.epochs_done} stored epochs and result are now "
+                  f"logged to {cls.name}")
+
+
+def start_one(cls: type[Logger], run: RunStart) -> RunLoggers:
+    """One logger behind the guard (none when it cannot start: warned)."""
+    try:
+        return RunLoggers([cls(run)])
+    except Exception as e:  # noqa: BLE001 (a logger must never fail the run)
+        _warn(cls.name, e)
+        return RunLoggers()
+
+
+def _note(message: str) -> None:
+    print(f"kdlab: {message}", file=sys.stderr)
+
+
+def epoch_scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """One epoch's numbers under the names every logger uses: ``train/loss``, ``train/acc``,
+    ``test/loss``, ``test/acc``, ``lr``, ``time/epoch_s`` and ``terms/<term>`` for each loss term."""
+    out = {tag: float(metrics[key]) for key, tag in _EPOCH_TAGS if metrics.get(key) is not None}
+    out.update({f"terms/{term}": float(value) for term, value in (metrics.get("terms") or {}).items()})
+    return out
+
+
+def final_scalars(record: RunRecord) -> dict[str, float]:
+    """A finished run's result under the names every logger uses: ``final/acc`` (last epoch),
+    ``final/best_acc`` and ``final/wall_s``."""
+    values = {"final/acc": record.final_acc, "final/best_acc": record.best_acc, "final/wall_s": record.wall_s}
+    return {k: float(v) for k, v in values.items() if v is not None}
+
+
+_EPOCH_TAGS = (("train_loss", "train/loss"), ("train_acc", "train/acc"), ("test_loss", "test/loss"),
+               ("test_acc", "test/acc"), ("lr", "lr"), ("time_s", "time/epoch_s"))
 
 
 def flat_params(config: dict[str, Any]) -> dict[str, str | float | int | bool]:

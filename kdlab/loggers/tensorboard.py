@@ -3,8 +3,9 @@
 
 On by default when the ``tensorboard`` package is installed (``pip install 'kdlab[tb]'``); off
 with ``--set tensorboard=false``. Per epoch: ``train/loss``, ``train/acc``, ``test/loss``,
-``test/acc``, ``lr``, ``time/epoch_s`` and each loss term as ``terms/<name>``; the config as text
-at the start; at the end the report as text and the hyperparameters with the final accuracy.
+``test/acc``, ``lr``, ``time/epoch_s`` and each loss term as ``terms/<name>`` (the names MLflow
+gets too); the config as text at the start; at the end the report as text and the
+hyperparameters with ``final/acc``, ``final/best_acc`` and ``final/wall_s``.
 """
 
 from __future__ import annotations
@@ -13,15 +14,20 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kdlab.loggers.base import Logger, RunStart, available, flat_params, register_logger, run_summary
+from kdlab.loggers.base import (
+    Logger,
+    RunStart,
+    available,
+    epoch_scalars,
+    final_scalars,
+    flat_params,
+    register_logger,
+    run_summary,
+)
 
 if TYPE_CHECKING:
     from kdlab.config import Config
     from kdlab.store import RunRecord
-
-_SCALARS = (("train_loss", "train/loss"), ("train_acc", "train/acc"), ("test_loss", "test/loss"),
-            ("test_acc", "test/acc"), ("lr", "lr"), ("time_s", "time/epoch_s"))
-
 
 @register_logger
 class TensorBoardLogger(Logger):
@@ -35,6 +41,13 @@ class TensorBoardLogger(Logger):
     def wanted(cls, cfg: Config) -> bool:
         return cfg.tensorboard and available(cls.package)
 
+    @classmethod
+    def logged(cls, run: RunStart) -> str | None:
+        # Its folder under any label (a grid's, or the one a plain command gets), or by id alone as before.
+        found = [p for p in (run.runs_dir / "tb").glob(f"*{run.run_id}")
+                 if p.name == run.run_id or p.name.endswith(f".{run.run_id}")]
+        return str(found[0]) if found else None
+
     def __init__(self, run: RunStart):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -45,18 +58,14 @@ class TensorBoardLogger(Logger):
         self.writer.add_text("config", header + "```\n" + json.dumps(run.config, indent=2, sort_keys=True) + "\n```")
 
     def epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
-        for key, tag in _SCALARS:
-            if metrics.get(key) is not None:
-                self.writer.add_scalar(tag, metrics[key], epoch)
-        for term, value in metrics.get("terms", {}).items():
-            self.writer.add_scalar(f"terms/{term}", value, epoch)
+        for tag, value in epoch_scalars(metrics).items():
+            self.writer.add_scalar(tag, value, epoch)
         self.writer.flush()
 
     def finish(self, record: RunRecord, artefacts: dict[str, Path]) -> None:
         self.writer.add_text("report", run_summary(record), record.epochs_done)
         # run_name "." keeps the hyperparameters beside the scalars instead of in a new sub-run.
-        self.writer.add_hparams(flat_params(record.config), {"hparam/final_acc": record.final_acc,
-                                                             "hparam/best_acc": record.best_acc}, run_name=".")
+        self.writer.add_hparams(flat_params(record.config), final_scalars(record), run_name=".")
 
     def close(self) -> None:
         self.writer.close()
