@@ -125,7 +125,7 @@ def step_decode(folder: str) -> dict[str, Any]:
 def step_loader(folder: str, residency: str, batch: int, crop: int) -> dict[str, Any]:
     import torch
 
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
     from kdlab.data import load_dataset
     from kdlab.data.residency import make_loaders
     from kdlab.device import resolve_device

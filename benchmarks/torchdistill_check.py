@@ -344,7 +344,7 @@ def parent(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kdlab.config import preset_values
+    from kdlab.configure import preset_values
     from kdlab.errors import UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -16,14 +16,16 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from kdlab.config import PRESET_WIDTHS, Config, bind_dataset, build_config, load_yaml
+from kdlab.checkpoints import CHECKPOINT_FORMAT
+from kdlab.config import PRESET_WIDTHS, Config, load_yaml
+from kdlab.configure import bind_dataset, build_config
 from kdlab.data import DataIdentity, Dataset, dataset_for
 from kdlab.data.arrays import array_identity, as_dataset
 from kdlab.data.checks import check_teacher_data, check_unchanged
 from kdlab.data.residency import input_size
 from kdlab.errors import UserError, warn
 from kdlab.loggers.base import log_finished
-from kdlab.loop import CHECKPOINT_FORMAT, prepare_teacher
+from kdlab.loop import prepare_teacher
 from kdlab.loop import run as run_training
 from kdlab.models import create_model, input_size_note
 from kdlab.models.module_source import as_model, module_name, register_module

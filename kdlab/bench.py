@@ -9,7 +9,7 @@
   forward per batch, as the grid trains them) against the same students trained alone side by side
   and against the sum of each alone.
 
-Both drive the real engine (`kdlab.engine.Engine`, built by `kdlab.loop.build`), not a copy of it.
+Both drive the real engine (`kdlab.engine.Engine`, on jobs made by `kdlab.job.make_job`), not a copy of it.
 Results are written as JSON with the device's name and library versions; nothing here is a test.
 """
 
@@ -27,15 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdlab.config import PRESET_WIDTHS, Config, build_config
+from kdlab.config import PRESET_WIDTHS, Config
+from kdlab.configure import build_config
 from kdlab.data.datasets import Dataset, Split
 from kdlab.device import device_name, resolve_device, versions
-from kdlab.engine import Engine, Job
+from kdlab.engine import Engine
 from kdlab.graphs import WARMUP_CALLS
-from kdlab.loop import build, build_loaders, engine_device, lr_factor, prepare_teacher
+from kdlab.job import engine_device, make_job, prepare_teacher
+from kdlab.loop import build_loaders, lr_factor
 from kdlab.models import create_model
 from kdlab.teacher import Teacher
-from kdlab.timing import SegmentTimer
 
 # Dense bf16 peak (TFLOP/s) by device name, for the "share of the card" figure; measured matmul
 # rates on this workplace's cards were ~790-800 TFLOP/s, the datasheet says 989 (dense, SXM).
@@ -99,12 +100,8 @@ def group_step_time(cfgs: list[Config], dataset: Dataset, warmup: int, steps: in
     (capture and compilation included, beyond what the same steps cost warm), peak device memory."""
     device = resolve_device(cfgs[0].device)
     train, test = build_loaders(cfgs[0], dataset, device)
-    jobs = []
-    for cfg in cfgs:
-        job = Job(cfg, cfg.run_hash(), teacher if cfg.method != "ce" else None, "bench")
-        job.s = build(cfg, dataset, job.teacher.model if job.teacher else None)
-        job.timer = SegmentTimer(device)
-        jobs.append(job)
+    jobs = [make_job(cfg, dataset, teacher=teacher if cfg.method != "ce" else None, label="bench", device=device)
+            for cfg in cfgs]
     engine = Engine(jobs, train, test, device, cfgs[0].precision)
     engine.start_epoch(jobs, 0)
     n = len(train)
@@ -125,7 +122,7 @@ def group_step_time(cfgs: list[Config], dataset: Dataset, warmup: int, steps: in
     warmup = max(warmup, WARMUP_CALLS + 1)
     seconds, warm_s = _time_steps(step, device, warmup, steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    fallbacks = [c.fallback for j in jobs for c in (j.train_step,) if c.fallback]
+    fallbacks = [engine.state(j).train_step.fallback for j in jobs if engine.state(j).train_step.fallback]
     graphed = engine.graphs and not fallbacks
     engine.close()
     return {"step_s": seconds, "compile_s": max(0.0, warm_s - warmup * seconds), "peak_mem_bytes": peak,

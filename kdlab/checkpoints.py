@@ -12,11 +12,17 @@ from the newest checkpoint whose write had completed: at most the epoch being wr
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kdlab.store import Store
+if TYPE_CHECKING:
+    from kdlab.config import Config
+    from kdlab.engine import Setup
+    from kdlab.store import Store
+
+# What a kdlab checkpoint file says it is (its "format" key): weights readers tell it from a plain state dict.
+CHECKPOINT_FORMAT = "kdlab-checkpoint"
 
 
 def to_host(obj: Any) -> Any:
@@ -28,6 +34,28 @@ def to_host(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_host(v) for v in obj)
     return obj
+
+
+def checkpoint_state(run_id: str, cfg: Config, s: Setup, epoch: int, history: list[dict[str, Any]], elapsed: float,
+                     timing: dict[str, float]) -> dict[str, Any]:
+    """A run's whole state after `epoch` as a checkpoint, copied to host memory (the writer thread saves it)."""
+    return to_host({
+        "format": CHECKPOINT_FORMAT, "version": 1, "run_id": run_id, "config": cfg.to_dict(), "epoch": epoch,
+        "model": {"name": cfg.model, "width": cfg.width, "num_classes": s.student.num_classes},
+        "student": s.student.state_dict(), "method": s.method.state_dict(), "optimizer": s.optimizer.state_dict(),
+        "history": list(history), "elapsed_s": elapsed, "timing": timing,
+        "scaler": s.scaler.state_dict() if s.scaler is not None else None,
+    })
+
+
+def restore(s: Setup, ckpt: dict[str, Any]) -> None:
+    """Load a checkpoint's weights, method state, optimiser and loss scale into a run's setup."""
+    s.student.load_state_dict(ckpt["student"])
+    s.method.load_state_dict(ckpt["method"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.optimizer.param_groups[0]["lr"] = s.lr  # the loaded state holds a host copy of the lr tensor
+    if s.scaler is not None and ckpt.get("scaler"):
+        s.scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale where it had got to
 
 
 class CheckpointWriter:

@@ -1,4 +1,8 @@
-"""Run configuration: presets, YAML files and command-line overrides, validated in one place.
+"""Run configuration: what a run is (`Config`), the presets' recipes, YAML files and the settings' types.
+
+This module describes runs and imports nothing of kdlab's above it; building a config from a preset,
+a file and overrides, binding its dataset and checking it against the registered models, methods
+and data settings is `kdlab.configure`'s work, one layer up.
 
 A `Config` describes one run completely. Its hash (over the fields that change results, so not
 where the data or the runs live) is the run's identity: the same command twice is the same run,
@@ -26,7 +30,7 @@ SCHEDULERS = ("cosine", "multistep", "onecycle", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")  # and "auto", settled when the config is built (kdlab.device.auto_precision)
 BN_STATS = ("auto", "running", "train")  # kdlab.bnstats
 COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
-_OWN_GRAPHS = ("reduce-overhead", "max-autotune")  # compile modes that capture CUDA graphs themselves
+OWN_GRAPHS = ("reduce-overhead", "max-autotune")  # compile modes that capture CUDA graphs themselves
 
 # Fields that say where things are, how they are shown or how the same arithmetic is scheduled, not
 # what is computed: kept out of the hash.
@@ -167,46 +171,22 @@ IMAGENET_LR_PER_256 = 0.1
 PRESET_WIDTHS = {"paper": (1.0, 0.5), "fast": (1.0, 0.5), "smoke": (0.125, 0.0625), "imagenet": (1.0, 0.5)}
 
 
-def _method_versions(cfg: Config) -> dict[str, int]:
-    from kdlab.methods import METHODS
-
-    cls = METHODS.get(cfg.method)
-    return cls.versions(cfg) if cls is not None else {}
-
-
-def bind_dataset(cfg: Config, identity: Any = None) -> Config:
-    """The config with its dataset identified: the content's fingerprint and description set, and
-    `dataset` made a location (a folder's absolute path). `identity` (a `kdlab.data.DataIdentity`)
-    is looked up when not given; the grid passes the one it looked up for all its runs."""
-    if identity is None:
-        from kdlab.data import identify_dataset
-
-        identity = identify_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, cache_dir=cfg.cache_dir)
-    from kdlab import bnstats
-
-    bound = dataclasses.replace(cfg, dataset=identity.location, data_fingerprint=identity.fingerprint,
-                                data_info=dict(identity.info))
-    # Whether BatchNorm statistics are re-estimated depends on the run's step count, known from here on.
-    return dataclasses.replace(bound, bn_stats=bnstats.resolve(bound))
-
-
-def preset_values(preset: str, model: str) -> dict[str, Any]:
-    """The values a preset sets for a given model (the paper's recipe depends on the family)."""
+def recipe(preset: str, family: str) -> dict[str, Any]:
+    """The values a preset sets for a model of `family` (the paper's recipe depends on it)."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if preset == "paper":
-        family = _family(model)
         return {**_PAPER, **(_PAPER_VGG if family == "vgg" else _PAPER_OTHER)}
     return dict({"fast": _FAST, "smoke": _SMOKE, "imagenet": _IMAGENET}[preset])
 
 
-def _family(model: str) -> str:
-    from kdlab.models import model_family
+def _method_versions(cfg: Config) -> dict[str, int]:
+    # The identity covers the method's code version; the methods registry imports no config at run time,
+    # so this reaches down a layer, not up (kdlab.methods.base only names Config in type hints).
+    from kdlab.methods.base import METHODS
 
-    try:
-        return model_family(model)
-    except UserError:
-        return "other"
+    cls = METHODS.get(cfg.method)
+    return cls.versions(cfg) if cls is not None else {}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -225,38 +205,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(preset: str = "paper", model: str = "resnet18", file_values: dict[str, Any] | None = None,
-                 overrides: dict[str, Any] | None = None) -> Config:
-    """Resolve a Config: defaults, then the preset, then a config file, then explicit overrides."""
-    file_values, overrides = file_values or {}, overrides or {}
-    # The paper recipe depends on the model family, so settle the model before the preset.
-    model = overrides.get("model") or file_values.get("model") or model
-    preset = overrides.get("preset") or file_values.get("preset") or preset
-    values: dict[str, Any] = {"model": model, "preset": preset, **preset_values(preset, model)}
-    for source, extra in (("config file", file_values), ("override", overrides)):
-        for key, value in extra.items():
-            values[key] = _coerce(key, value, source)
-    if preset == "imagenet" and "lr" not in file_values and "lr" not in overrides:
-        values["lr"] = IMAGENET_LR_PER_256 * values["batch_size"] / 256  # the linear scaling rule (Goyal et al.)
-    cfg = Config(**values)
-    if cfg.precision == "auto":
-        # Settled here, so the run's identity holds the precision it really trains in (bf16 and fp16
-        # runs differ), and a config built on one machine means the same on another.
-        from kdlab.device import auto_precision, resolve_device
-
-        cfg.precision = auto_precision(resolve_device(cfg.device))
-    if cfg.weights:  # the file's content, not its path, is what the run starts from
-        from kdlab.models.weights import file_identity
-
-        cfg.weights_id = file_identity(cfg.weights)
-    validate(cfg)
-    return cfg
-
-
 _FIELD_TYPES = typing.get_type_hints(Config)
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
+def coerce(key: str, value: Any, source: str) -> Any:
     """Check one value against its field's type, converting where it is lossless (3 -> 3.0)."""
     if key not in _FIELD_TYPES:
         known = ", ".join(f.name for f in dataclasses.fields(Config) if f.name not in _DERIVED_FIELDS)
@@ -307,61 +259,3 @@ def _type_name(kind: Any) -> str:
     if kind is type(None):
         return "null"
     return getattr(kind, "__name__", str(kind)).replace("list", "a list")
-
-
-def validate(cfg: Config) -> None:
-    """Reject values no run can use, with one line that names the setting."""
-    from kdlab.data.augment import AUGMENTATIONS
-    from kdlab.data.residency import RESIDENCIES
-    from kdlab.methods import METHODS
-    from kdlab.models import check_model_name
-
-    check_model_name(cfg.model)
-    if cfg.method not in METHODS:
-        raise UserError(f"unknown method {cfg.method!r}: choose one of {', '.join(sorted(METHODS))}")
-    checks = [
-        (cfg.width > 0, f"width must be > 0, got {cfg.width}"),
-        (cfg.temperature > 0, f"temperature must be > 0, got {cfg.temperature}"),
-        (0.0 <= cfg.alpha <= 1.0, f"alpha must be in [0, 1], got {cfg.alpha}"),
-        (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
-        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}"),
-        (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
-        (cfg.momentum >= 0, f"momentum must be >= 0, got {cfg.momentum}"),
-        (cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}"),
-        (0 <= cfg.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}"),
-        (0 <= cfg.warmup < 1, f"warmup must be in [0, 1), got {cfg.warmup}"),
-        (cfg.train_limit >= 0 and cfg.test_limit >= 0, "train_limit and test_limit must be >= 0"),
-        (cfg.scheduler in SCHEDULERS, f"scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}"),
-        (cfg.precision in PRECISIONS,
-         f"precision must be one of {', '.join(PRECISIONS)} or auto, got {cfg.precision!r}"),
-        (cfg.bn_stats in BN_STATS, f"bn_stats must be one of {', '.join(BN_STATS)}, got {cfg.bn_stats!r}"),
-        (cfg.compile in COMPILE_MODES, f"compile must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile!r}"),
-        (all(0 < m < 1 for m in cfg.milestones), "milestones are fractions of the epochs, each in (0, 1)"),
-        (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),
-        (cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}"),
-        (cfg.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {cfg.checkpoint_every}"),
-        (not (cfg.graphs and cfg.compile in _OWN_GRAPHS),
-         f"compile={cfg.compile} captures CUDA graphs itself: set graphs=false with it, or use compile=default "
-         "or max-autotune-no-cudagraphs (kdlab then captures the graphs)"),
-        (all(1 <= e <= cfg.epochs for e in cfg.snapshots), f"snapshots are epochs in 1..{cfg.epochs}"),
-        ("num_classes" not in cfg.model_args, "model_args num_classes: the number of classes comes from the data"),
-        (cfg.image_size >= 0, f"image_size must be >= 0 (0: the images' own size), got {cfg.image_size}"),
-        (cfg.crop_size >= 0, f"crop_size must be >= 0 (0: the stored size), got {cfg.crop_size}"),
-        (cfg.augmentation in AUGMENTATIONS,
-         f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {cfg.augmentation!r}"),
-        (not cfg.crop_size or cfg.augmentation != "pad-crop",
-         "crop_size needs augmentation=random-resized-crop (pad-crop trains at the stored size)"),
-        (not (cfg.crop_size and cfg.image_size) or cfg.crop_size <= cfg.image_size,
-         f"crop_size ({cfg.crop_size}) must be at most image_size ({cfg.image_size})"),
-        (cfg.data_residency in RESIDENCIES,
-         f"data_residency must be one of {', '.join(RESIDENCIES)}, got {cfg.data_residency!r}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    METHODS[cfg.method].check_config(cfg)
-    if cfg.mlflow:
-        from kdlab.loggers import check_available
-
-        check_available("mlflow")

@@ -6,8 +6,9 @@ its optimisation step. On a GPU each of these is a CUDA graph (`kdlab.graphs.Cap
 run replays on a CUDA stream of its own, so that the small kernels of several small models overlap
 on the card instead of waiting for each other. On a CPU the same code runs eagerly, in turn.
 
-A group's graphs, and the memory they and the group's models hold, are released when the group
-ends (`Engine.close`), so that a grid's peak memory is one group's, not two.
+The engine keeps each job's device state (`RunState`: sums, stream, captured steps); a job itself
+(`kdlab.job`) is what the run is. A group's graphs, and the memory they and the group's models hold,
+are released when the group ends (`Engine.close`), so that a grid's peak memory is one group's, not two.
 
 Nothing in a step waits for the device: losses, accuracies and the first non-finite step are
 summed on the device (`RunningSums`) and read by the loop every `SYNC_EVERY` steps.
@@ -19,9 +20,8 @@ added over the processes when they are read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,28 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdlab import distributed, graphs
-from kdlab.config import Config
 from kdlab.data.loader import Batch, DeviceLoader
 from kdlab.graphs import DDP_WARMUP_CALLS, WARMUP_CALLS, Captured
-from kdlab.loggers import RunLoggers
-from kdlab.methods import Method
-from kdlab.progress import Progress
+from kdlab.job import Job, Setup, autocast_for
 from kdlab.teacher import Teacher
 from kdlab.timing import SegmentTimer
-
-
-@dataclass
-class Setup:
-    """Everything a run trains with, built once."""
-
-    device: torch.device
-    student: nn.Module
-    student_fn: nn.Module  # the student as called in the step (compiled or not)
-    method: Method
-    optimizer: torch.optim.Optimizer
-    lr: Tensor  # the optimiser's learning rate, a device tensor set before every step
-    autocast: Callable[[], AbstractContextManager]
-    scaler: torch.amp.GradScaler | None = None  # fp16: the loss scale, kept and updated on the device
 
 
 class RunningSums:
@@ -95,50 +78,21 @@ class RunningSums:
 
 
 @dataclass
-class Job:
-    """One run inside a group that trains side by side: its setup, history and device state."""
+class RunState:
+    """What the engine keeps on the device for one job: its running sums, its stream, and its captured
+    training and evaluation steps (released with the group, `Engine.close`)."""
 
-    cfg: Config
-    run_id: str
-    teacher: Teacher | None
-    label: str
-    s: Setup | None = None
-    timer: SegmentTimer | None = None
-    progress: Progress | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    elapsed: float = 0.0
-    start_epoch: int = 0
-    alive: bool = True
-    sums: RunningSums | None = None
-    lr: float = 0.0  # the last step's learning rate, for the record
-    eval_sums: tuple[Tensor, Tensor] | None = None  # (loss sum, correct) over the test split
-    stream: Any = None
+    sums: RunningSums
+    eval_sums: tuple[Tensor, Tensor]  # (loss sum, correct) over the test split
+    stream: Any
+    trainable: nn.Module  # student + method as one module (DistributedDataParallel-wrapped)
     train_step: Captured | None = None
     eval_step: Captured | None = None
-    trainable: nn.Module | None = None  # student + method as one module (DistributedDataParallel-wrapped)
-    log: RunLoggers = field(default_factory=RunLoggers)  # TensorBoard, MLflow (kdlab.loggers)
-
-    def active(self, epoch: int) -> bool:
-        return self.alive and self.start_epoch <= epoch < self.cfg.epochs
+    lr: float = 0.0  # the last step's learning rate, for the record
 
     def setup_s(self) -> float:
-        """Wall time spent warming up and capturing this run's steps (compilation included)."""
+        """Wall time spent warming up and capturing the job's steps (compilation included)."""
         return sum(c.setup_s for c in (self.train_step, self.eval_step) if c is not None)
-
-
-def autocast_for(device: torch.device, precision: str) -> Callable[[], AbstractContextManager]:
-    """bf16 or fp16 autocast without its weight cache (a cached cast would be replayed stale from a graph)."""
-    if precision not in ("bf16", "fp16"):
-        return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=False)
-
-
-def loss_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
-    """fp16's loss scaler (None for other precisions). With fused SGD its whole update stays on the
-    device (the optimiser skips a step whose gradients overflowed; the scale is halved or grown in
-    place), so a step that uses it can still be captured as a CUDA graph."""
-    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 class TeacherOutputs:
@@ -185,27 +139,31 @@ class Engine:
         # engine could see this group's graphs released while the other's still run).
         self.teacher_stream = graphs.new_stream(device) if self.graphs else None
         self._needs: list[tuple[Teacher, str]] = []
-        for job in jobs:
-            self._attach(job)
+        self._states: dict[int, RunState] = {id(job): self._attach(job) for job in jobs}
 
-    def _attach(self, job: Job) -> None:
+    def state(self, job: Job) -> RunState:
+        """The engine's device state of one of its jobs."""
+        return self._states[id(job)]
+
+    def _attach(self, job: Job) -> RunState:
         s = job.s
-        job.sums = RunningSums(self.device)
-        job.eval_sums = (torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long))
-        job.stream = graphs.new_stream(self.device) if self.graphs else None
+        stream = graphs.new_stream(self.device) if self.graphs else None
         s.optimizer.param_groups[0]["lr"] = s.lr  # fused SGD reads the tensor: no host value in the step
-        job.trainable = _Trainable(s, self.batch, job.teacher)
+        trainable: nn.Module = _Trainable(s, self.batch, job.teacher)
         if self.world is not None:
             from torch.nn.parallel import DistributedDataParallel
 
             # Built on the stream its graph will be captured on (PyTorch's CUDA-graph notes on DDP).
-            with torch.cuda.stream(job.stream) if job.stream is not None else nullcontext():
-                job.trainable = DistributedDataParallel(
-                    job.trainable, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                trainable = DistributedDataParallel(
+                    trainable, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        state = RunState(RunningSums(self.device), (torch.zeros((), device=self.device),
+                                                    torch.zeros((), device=self.device, dtype=torch.long)),
+                         stream, trainable)
 
         def train_body() -> None:
             with s.autocast():
-                logits, terms = job.trainable()
+                logits, terms = state.trainable()
             loss = sum(terms.values())
             if s.scaler is None:
                 loss.backward()
@@ -214,22 +172,23 @@ class Engine:
                 s.scaler.scale(loss).backward()
                 s.scaler.step(s.optimizer)
                 s.scaler.update()
-            job.sums.add(loss.detach(), logits.detach(), self.batch.y, terms)
+            state.sums.add(loss.detach(), logits.detach(), self.batch.y, terms)
 
         def eval_body() -> None:
-            batch, (loss_sum, correct) = self.eval_batch, job.eval_sums
+            batch, (loss_sum, correct) = self.eval_batch, state.eval_sums
             with torch.no_grad(), s.autocast():
                 logits = s.student_fn(batch.x)
             loss = F.cross_entropy(logits.float(), batch.y, reduction="none")
             loss_sum += (loss * batch.mask).sum()
             correct += ((logits.argmax(1) == batch.y) & batch.mask).sum()
 
-        name = f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method} {job.run_id[:8]}"
-        job.train_step = Captured(train_body, self.device, enabled=self.graphs, name=f"the training step of {name}",
-                                  stream=job.stream, before=lambda: s.optimizer.zero_grad(set_to_none=True),
-                                  warmup=DDP_WARMUP_CALLS if self.world is not None else WARMUP_CALLS)
-        job.eval_step = Captured(eval_body, self.device, enabled=self.graphs, name=f"the evaluation of {name}",
-                                 stream=job.stream)
+        state.train_step = Captured(train_body, self.device, enabled=self.graphs,
+                                    name=f"the training step of {job.name}", stream=stream,
+                                    before=lambda: s.optimizer.zero_grad(set_to_none=True),
+                                    warmup=DDP_WARMUP_CALLS if self.world is not None else WARMUP_CALLS)
+        state.eval_step = Captured(eval_body, self.device, enabled=self.graphs, name=f"the evaluation of {job.name}",
+                                   stream=stream)
+        return state
 
     # ---- training --------------------------------------------------------------------------------
 
@@ -238,7 +197,7 @@ class Engine:
             job.s.student.train()
             job.s.method.train()
             job.s.method.start_epoch(epoch)
-            job.sums.reset()
+            self.state(job).sums.reset()
         self._needs = self._teacher_needs(jobs)
 
     def step(self, jobs: list[Job], batch: Batch, lrs: list[float]) -> None:
@@ -246,13 +205,14 @@ class Engine:
         self.batch.copy_(batch)
         for teacher, needs in self._needs:
             self._run_teacher(teacher, needs)
-        with graphs.fan_out([job.stream for job in jobs]) as streams:
-            for job, lr, stream in zip(jobs, lrs, streams, strict=True):
+        states = [self.state(job) for job in jobs]
+        with graphs.fan_out([state.stream for state in states]) as streams:
+            for job, state, lr, stream in zip(jobs, states, lrs, streams, strict=True):
                 with stream:
                     job.s.lr.fill_(lr)
                     with job.timer("step"):
-                        job.train_step(job.s.method.graph_key())
-                job.lr = lr
+                        state.train_step(job.s.method.graph_key())
+                state.lr = lr
 
     def _teacher_needs(self, jobs: list[Job]) -> list[tuple[Teacher, str]]:
         """Each teacher the jobs read this epoch, with "features" if any of its students needs them."""
@@ -284,37 +244,44 @@ class Engine:
         # Features only when this batch's were computed: a student reading older ones would be wrong.
         teacher.hold(self.batch, out.features if needs == "features" else None, out.logits)
 
-    def teacher_time(self) -> dict[int, float]:
-        """Seconds each teacher (by id) has spent in forward passes so far."""
-        return {k: t.collect().get("teacher", 0.0) for k, t in self.teacher_timers.items()}
+    def teacher_seconds(self, job: Job) -> float:
+        """The job's share of its teacher's forward time in this engine so far: the teacher's time split
+        evenly among the students it serves here (`kdlab.accounting` adds the share before a resume)."""
+        if job.teacher is None or id(job.teacher) not in self.teacher_timers:
+            return 0.0
+        students = sum(j.teacher is job.teacher for j in self.jobs)
+        return self.teacher_timers[id(job.teacher)].collect().get("teacher", 0.0) / students
 
     # ---- evaluation ------------------------------------------------------------------------------
 
     def evaluate(self, jobs: list[Job]) -> dict[str, tuple[float, float]]:
         """Mean cross-entropy and accuracy (percent) of each job's student on the test split, in eval
         mode, keyed by run id."""
-        for job in jobs:
+        states = [self.state(job) for job in jobs]
+        for job, state in zip(jobs, states, strict=True):
             job.s.student.eval()
-            for t in job.eval_sums:
+            for t in state.eval_sums:
                 t.zero_()
         for batch in self.test.epoch(0):
             self.eval_batch.copy_(batch)
-            with graphs.fan_out([job.stream for job in jobs]) as streams:
-                for job, stream in zip(jobs, streams, strict=True):
+            with graphs.fan_out([state.stream for state in states]) as streams:
+                for job, state, stream in zip(jobs, states, streams, strict=True):
                     with stream, job.timer("eval"):
-                        job.eval_step()
+                        state.eval_step()
         out = {}
-        for job in jobs:
+        for job, state in zip(jobs, states, strict=True):
             job.s.student.train()
-            loss_sum, correct = (distributed.all_reduce(t.clone()) for t in job.eval_sums)
+            loss_sum, correct = (distributed.all_reduce(t.clone()) for t in state.eval_sums)
             out[job.run_id] = (float(loss_sum) / self.test.n, float(correct) / self.test.n * 100)
         return out
 
     def read(self, job: Job) -> dict[str, Any]:
         """The job's running sums so far this epoch (over all processes of the run), and its training
         accuracy (percent): each step covered one whole (global) batch."""
-        sums = job.sums.read(self.world.size if self.world is not None else 1)
+        state = self.state(job)
+        sums = state.sums.read(self.world.size if self.world is not None else 1)
         sums["acc"] = sums["correct"] / max(1, sums["steps"] * self.train.batch_size) * 100
+        sums["lr"] = state.lr
         return sums
 
     # ---- the end of a group ----------------------------------------------------------------------
@@ -325,12 +292,13 @@ class Engine:
         their records (history, timing); their models stay with the caller until it drops them."""
         if self.graphs:
             graphs.synchronize()  # nothing may still be replaying when a graph is released
-        steps = [c for j in self.jobs for c in (j.train_step, j.eval_step) if c is not None]
+        states = [self.state(job) for job in self.jobs]
+        steps = [c for state in states for c in (state.train_step, state.eval_step) if c is not None]
         for step in (*steps, *self.teacher_steps.values()):
             step.release()
-        for job in self.jobs:
-            graphs.return_stream(self.device, job.stream)
-            job.train_step = job.eval_step = job.trainable = job.stream = None
+        for job, state in zip(self.jobs, states, strict=True):
+            graphs.return_stream(self.device, state.stream)
+            state.train_step = state.eval_step = state.trainable = state.stream = None
             if job.teacher is not None:
                 job.teacher.drop()
         graphs.return_stream(self.device, self.teacher_stream)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdlab.config import PRESET_WIDTHS, Config, bind_dataset, build_config, load_yaml
+from kdlab.config import PRESET_WIDTHS, Config, load_yaml
+from kdlab.configure import bind_dataset, build_config
 from kdlab.data import identity_for
 from kdlab.data.residency import input_size
 from kdlab.device import resolve_device

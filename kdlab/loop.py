@@ -14,33 +14,29 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from kdlab import bnstats, distributed, graphs, health
-from kdlab.checkpoints import CheckpointWriter, to_host
+from kdlab import accounting, bnstats, distributed, graphs, health
+from kdlab.accounting import EpochClock
+from kdlab.checkpoints import CheckpointWriter, checkpoint_state
 from kdlab.config import Config
 from kdlab.data import dataset_for
 from kdlab.data.datasets import Dataset
 from kdlab.data.loader import SplitLoader
 from kdlab.data.residency import input_size, make_loaders
 from kdlab.device import device_name, resolve_device, versions
-from kdlab.engine import Engine, Job, Setup, autocast_for, loss_scaler
+from kdlab.engine import Engine
 from kdlab.errors import RunBusy, UserError
+from kdlab.job import Job, make_job, prepare_teacher
 from kdlab.loggers import start_loggers
-from kdlab.methods import METHODS
-from kdlab.models import create_model
 from kdlab.models.profile import model_facts
-from kdlab.models.weights import load_initial_weights
 from kdlab.progress import MAX_LIVE_RUNS, Progress
 from kdlab.store import Heartbeat, RunRecord, Store, owner_id
 from kdlab.teacher import Teacher
-from kdlab.timing import SegmentTimer
 
 SYNC_EVERY = 50  # steps between the loop's reads of the device (progress bar, non-finite check)
-CHECKPOINT_FORMAT = "kdlab-checkpoint"
 
 
 def lr_factor(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> float:
@@ -72,57 +68,6 @@ def build_loaders(cfg: Config, dataset: Dataset, device: torch.device,
     processes, this process's slice of every batch."""
     shard = (world.rank, world.size) if world is not None else (0, 1)
     return make_loaders(cfg, dataset, device, shard)
-
-
-def engine_device(cfg: Config) -> tuple[torch.device, torch.memory_format]:
-    """The run's device (with its CPU thread count applied) and the memory format of its tensors."""
-    device = resolve_device(cfg.device)
-    if cfg.threads and device.type == "cpu":
-        # Tiny convolutions gain nothing from intra-op threads, and lose badly when a core is busy.
-        torch.set_num_threads(cfg.threads)
-    if device.type == "cuda" and not torch.backends.cudnn.deterministic:
-        # Shapes are fixed: pick each convolution's fastest kernel once. Not where the caller asked for
-        # deterministic kernels (an equality check): benchmarking may pick different ones run to run.
-        torch.backends.cudnn.benchmark = True
-    return device, torch.channels_last if cfg.channels_last else torch.contiguous_format
-
-
-def build(cfg: Config, dataset: Dataset, teacher_model: nn.Module | None, sync_bn: bool = False) -> Setup:
-    """Student, method and optimiser for a config (`sync_bn`: BatchNorm statistics over all the
-    processes of a run on several GPUs)."""
-    device, memory_format = engine_device(cfg)
-    torch.manual_seed(cfg.seed)
-    student = create_model(cfg.model, cfg.width, dataset.num_classes, **cfg.model_args)
-    if cfg.weights:  # --set weights=PATH (kdlab.models.weights)
-        load_initial_weights(student, cfg.weights)
-    student = student.to(device, memory_format=memory_format)
-    method = METHODS[cfg.method](cfg, student, teacher_model).to(device, memory_format=memory_format)
-    if sync_bn:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    params = [p for p in (*student.parameters(), *method.parameters()) if p.requires_grad]
-    # Fused SGD with the learning rate as a device tensor: one kernel for the whole update, and no
-    # host value baked into a captured step.
-    lr = torch.tensor(cfg.lr, device=device)
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                                weight_decay=cfg.weight_decay, fused=True)
-    return Setup(device, student, compile_module(student, cfg.compile), method, optimizer, lr,
-                 autocast_for(device, cfg.precision), loss_scaler(device, cfg.precision))
-
-
-def compile_module(module: nn.Module, mode: str) -> nn.Module:
-    """torch.compile with the configured mode ('none' leaves the module as it is)."""
-    if mode == "none":
-        return module
-    return torch.compile(module, mode=None if mode == "default" else mode)
-
-
-def prepare_teacher(model: nn.Module, cfg: Config, run_id: str | None = None) -> Teacher:
-    """A frozen teacher on the run's device, in its memory format, compiled as the run is."""
-    device, memory_format = engine_device(cfg)
-    model = model.to(device, memory_format=memory_format).eval()
-    return Teacher(model, run_id=run_id, forward=compile_module(model, cfg.compile),
-                   copy_outputs=cfg.compile == "reduce-overhead")
 
 
 def run(cfg: Config, store: Store, *, teacher: Teacher | None = None, teacher_model: nn.Module | None = None,
@@ -162,7 +107,7 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
         silent = silent or not world.main
     out: dict[str, RunRecord | None] = {}
     owner = owner_id()
-    jobs = []
+    claimed: list[tuple[Config, Teacher | None, str]] = []
     for cfg, teacher, label in specs:
         run_id = cfg.run_hash()
         store.ensure(run_id, cfg.to_dict(), label)
@@ -172,32 +117,34 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
             continue
         if on_claim is not None:
             on_claim(run_id, label or run_id)
-        jobs.append(Job(cfg, run_id, teacher, label or run_id))
-    if not jobs:
+        claimed.append((cfg, teacher, label or run_id))
+    if not claimed:
         return out
-    if any(j.cfg.compile != "none" for j in jobs):
+    if any(cfg.compile != "none" for cfg, _, _ in claimed):
         _keep_compile_caches(store.root)
     writer = CheckpointWriter(store)
+    jobs: list[Job] = []  # made as the group starts: each job whole, its loggers started
     try:
         writes = getattr(store, "is_writer", True)  # in a run on several processes, rank 0 keeps the claim
-        with Heartbeat(store, [j.run_id for j in jobs], owner) if writes else nullcontext():
-            dataset = dataset or dataset_for(jobs[0].cfg)
-            _train_group(jobs, store, writer, dataset, quiet, silent, world)
+        with Heartbeat(store, [cfg.run_hash() for cfg, _, _ in claimed], owner) if writes else nullcontext():
+            dataset = dataset or dataset_for(claimed[0][0])
+            _train_group(claimed, jobs, store, writer, dataset, quiet, silent, world)
     except BaseException as e:
         writer.close()
-        for job in jobs:
+        alive = {j.run_id: j.alive for j in jobs}
+        for cfg, _, _ in claimed:
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                store.release(job.run_id, owner)
-            elif job.alive:
-                store.fail(job.run_id, f"{type(e).__name__}: {e}")
+                store.release(cfg.run_hash(), owner)
+            elif alive.get(cfg.run_hash(), True):
+                store.fail(cfg.run_hash(), f"{type(e).__name__}: {e}")
         raise
     finally:
         for job in jobs:
             job.log.close()  # TensorBoard, MLflow (kdlab.loggers)
     writer.close()
     distributed.barrier()  # the other processes read what rank 0 has just recorded
-    for job in jobs:
-        out[job.run_id] = store.get(job.run_id)
+    for cfg, _, _ in claimed:
+        out[cfg.run_hash()] = store.get(cfg.run_hash())
     return out
 
 
@@ -209,32 +156,36 @@ def _keep_compile_caches(root: Path) -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(cache / "triton"))
 
 
-def _train_group(jobs: list[Job], store: Store, writer: CheckpointWriter, dataset: Dataset, quiet: bool,
-                 silent: bool, world: distributed.World | None) -> None:
-    device = resolve_device(jobs[0].cfg.device)
+def _train_group(claimed: list[tuple[Config, Teacher | None, str]], jobs: list[Job], store: Store,
+                 writer: CheckpointWriter, dataset: Dataset, quiet: bool, silent: bool,
+                 world: distributed.World | None) -> None:
+    """Make the group's jobs (appended to `jobs`: the caller closes their loggers) and train them."""
+    device = resolve_device(claimed[0][0].device)
     if world is not None and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
-    train_loader, test_loader = build_loaders(jobs[0].cfg, dataset, device, world)
-    for job in jobs:
+    train_loader, test_loader = build_loaders(claimed[0][0], dataset, device, world)
+    for cfg, teacher, label in claimed:
+        run_id = cfg.run_hash()
+        log = start_loggers(cfg, run_id, label, store)
+        progress = Progress(cfg.epochs, len(train_loader), train_loader.batch_size,
+                            quiet=quiet or len(claimed) > MAX_LIVE_RUNS, silent=silent,
+                            label=f"{cfg.model}@{cfg.width:g}/{cfg.method} {run_id[:8]}")
         # PyTorch has SyncBatchNorm for GPUs only: on CPUs the statistics stay per process.
-        sync_bn = world is not None and job.cfg.sync_bn and device.type == "cuda"
-        job.s = build(job.cfg, dataset, job.teacher.model if job.teacher else None, sync_bn)
-        job.timer = SegmentTimer(device)
-        store.set_info(job.run_id, device=device_name(device), versions_json=versions(),
-                       **model_facts(job.s.student, input_size(job.cfg, dataset.train.images.shape[1:3]),
+        sync_bn = world is not None and cfg.sync_bn and device.type == "cuda"
+        job = make_job(cfg, dataset, teacher=teacher, run_id=run_id, label=label, sync_bn=sync_bn, device=device,
+                       checkpoint=store.load_checkpoint(run_id), progress=progress, log=log)
+        jobs.append(job)
+        _record_resume(store, job)
+        store.set_info(run_id, device=device_name(device), versions_json=versions(),
+                       **model_facts(job.s.student, input_size(cfg, dataset.train.images.shape[1:3]),
                                      warn=not silent))
-        job.log = start_loggers(job.cfg, job.run_id, job.label, store)
-        job.start_epoch, job.history, job.elapsed = _resume(store, job.run_id, job.s, job.timer)
-        job.progress = Progress(job.cfg.epochs, len(train_loader), train_loader.batch_size,
-                                quiet=quiet or len(jobs) > MAX_LIVE_RUNS, silent=silent,
-                                label=f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method} {job.run_id[:8]}")
     engine = Engine(jobs, train_loader, test_loader, device, jobs[0].cfg.precision, world)
     try:
         _train_epochs(jobs, engine, train_loader, device, store, writer)
     finally:
         engine.close()
         for job in jobs:
-            job.s = None  # the models and optimisers: the next group's memory
+            job.release()  # the models and optimisers: the next group's memory
         graphs.release_memory()
 
 
@@ -242,56 +193,33 @@ def _train_epochs(jobs: list[Job], engine: Engine, train_loader: SplitLoader, de
                   writer: CheckpointWriter) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    group_timer = SegmentTimer(device)
+    clock = EpochClock(engine, device)
     first, last = min(j.start_epoch for j in jobs), max(j.cfg.epochs for j in jobs)
     for epoch in range(first, last):
         active = [j for j in jobs if j.active(epoch)]
         if not active:
             continue
-        t0 = time.perf_counter()
-        before = {j.run_id: _own_time(j, engine) for j in active}
-        data_before = group_timer.collect().get("data", 0.0)
-        _train_epoch(engine, active, train_loader, group_timer, epoch, store)
+        clock.start(active)
+        _train_epoch(engine, active, train_loader, clock, epoch, store)
         alive = [j for j in active if j.alive]
         _reestimate_bn(alive, train_loader, epoch)
         results = engine.evaluate(alive) if alive else {}
-        # Charge the epoch's wall time to the runs in proportion to the device time each used.
-        wall = time.perf_counter() - t0
-        data = group_timer.collect().get("data", 0.0) - data_before
-        own = {j.run_id: _own_time(j, engine) - before[j.run_id] for j in alive}
-        total = sum(own.values()) or 1.0
+        walls = clock.charge(alive)  # the epoch's wall time, in proportion to the device time each run used
         for job in alive:
-            job.timer.totals["data"] += data * own[job.run_id] / total
-            _end_epoch(job, engine, store, writer, epoch, wall * own[job.run_id] / total, results[job.run_id])
+            _end_epoch(job, engine, store, writer, epoch, walls[job.run_id], results[job.run_id])
     writer.flush()  # a run is finished only once its last checkpoint is on disk
     for job in jobs:
         if job.alive and job.history:
             _finish(job, store, engine, device, len(jobs))
 
 
-def _own_time(job: Job, engine: Engine) -> float:
-    """Device seconds a run has used: its steps, its evaluations and its share of its teacher."""
-    totals = job.timer.collect()
-    return totals.get("step", 0.0) + totals.get("eval", 0.0) + _teacher_share(job, engine)
-
-
-def _teacher_share(job: Job, engine: Engine) -> float:
-    """A run's share of its teacher's forward time: the teacher's time split evenly among the students
-    it serves in the group, plus the share recorded before a resume."""
-    before = job.timer.totals.get("teacher", 0.0)
-    if job.teacher is None:
-        return before
-    students = sum(j.teacher is job.teacher for j in engine.jobs)
-    return before + engine.teacher_time().get(id(job.teacher), 0.0) / students
-
-
-def _train_epoch(engine: Engine, jobs: list[Job], loader: SplitLoader, group_timer: SegmentTimer, epoch: int,
+def _train_epoch(engine: Engine, jobs: list[Job], loader: SplitLoader, clock: EpochClock, epoch: int,
                  store: Store) -> None:
     engine.start_epoch(jobs, epoch)
     steps = len(loader)
     batches = loader.epoch(epoch)
     for step in range(steps):
-        with group_timer("data"):
+        with clock.data():
             batch = next(batches)
         alive = [j for j in jobs if j.alive]
         engine.step(alive, batch, [j.cfg.lr * lr_factor(j.cfg, epoch, step, steps) for j in alive])
@@ -327,7 +255,7 @@ def _end_epoch(job: Job, engine: Engine, store: Store, writer: CheckpointWriter,
                test: tuple[float, float]) -> None:
     sums = engine.read(job)
     t0 = time.perf_counter()
-    metrics = {"train_loss": sums["loss"], "train_acc": sums["acc"], "lr": job.lr,
+    metrics = {"train_loss": sums["loss"], "train_acc": sums["acc"], "lr": sums["lr"],
                "terms": sums["terms"], "test_loss": test[0], "test_acc": test[1]}
     metrics["time_s"] = wall  # the epoch's own time: the checkpoint's copy below is charged to the run
     job.history.append(metrics)
@@ -335,7 +263,8 @@ def _end_epoch(job: Job, engine: Engine, store: Store, writer: CheckpointWriter,
     snapshot = done if done in job.cfg.snapshots else None
     due = done % job.cfg.checkpoint_every == 0 or done == job.cfg.epochs or snapshot is not None
     if due and getattr(store, "is_writer", True):  # in a run on several processes, rank 0 writes them
-        state = _checkpoint_state(job, done, job.elapsed + wall, _teacher_share(job, engine))
+        state = checkpoint_state(job.run_id, job.cfg, job.s, done, job.history, job.elapsed + wall,
+                                 accounting.totals(job, engine))
         writer.submit(job.run_id, state, snapshot)
     job.elapsed += wall + time.perf_counter() - t0
     store.record_epoch(job.run_id, done, metrics)
@@ -346,7 +275,7 @@ def _end_epoch(job: Job, engine: Engine, store: Store, writer: CheckpointWriter,
 def _finish(job: Job, store: Store, engine: Engine, device: torch.device, group_size: int) -> None:
     history = job.history
     best = max(range(len(history)), key=lambda i: history[i]["test_acc"])
-    timing = {**_timing_summary(job, engine), "group_size": group_size}
+    timing = accounting.timing_summary(job, engine, group_size)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     store.finish(job.run_id, {"final_acc": history[-1]["test_acc"], "best_acc": history[best]["test_acc"],
                               "best_epoch": best + 1, "wall_s": job.elapsed, "timing": timing,
@@ -361,48 +290,10 @@ def _bn_note(job: Job, engine: Engine) -> str | None:
     return bnstats.describe(job.s.student, job.cfg, job.cfg.epochs * len(engine.train))
 
 
-def _resume(store: Store, run_id: str, s: Setup, timer: SegmentTimer) -> tuple[int, list[dict[str, Any]], float]:
-    """Continue from the last whole checkpoint: weights, optimiser, history and time so far."""
-    ckpt = store.load_checkpoint(run_id)
-    if ckpt is None:
-        store.truncate_epochs(run_id, 0)
-        return 0, [], 0.0
-    s.student.load_state_dict(ckpt["student"])
-    s.method.load_state_dict(ckpt["method"])
-    s.optimizer.load_state_dict(ckpt["optimizer"])
-    s.optimizer.param_groups[0]["lr"] = s.lr  # the loaded state holds a host copy of the lr tensor
-    if s.scaler is not None and ckpt.get("scaler"):
-        s.scaler.load_state_dict(ckpt["scaler"])  # fp16's loss scale where it had got to
-    history = list(ckpt["history"])
-    # The database may run ahead of the checkpoint (epochs recorded while their checkpoint was
-    # still being written when the process died): keep what the checkpoint knows.
-    store.truncate_epochs(run_id, 0)
-    for i, metrics in enumerate(history):
-        store.record_epoch(run_id, i + 1, metrics)
-    timer.totals.update(ckpt["timing"])
-    return ckpt["epoch"], history, ckpt["elapsed_s"]
-
-
-def _checkpoint_state(job: Job, epoch: int, elapsed: float, teacher_s: float) -> dict[str, Any]:
-    """The run's whole state after `epoch`, copied to host memory (the writer thread saves it)."""
-    cfg, s = job.cfg, job.s
-    return to_host({
-        "format": CHECKPOINT_FORMAT, "version": 1, "run_id": job.run_id, "config": cfg.to_dict(), "epoch": epoch,
-        "model": {"name": cfg.model, "width": cfg.width, "num_classes": s.student.num_classes},
-        "student": s.student.state_dict(), "method": s.method.state_dict(), "optimizer": s.optimizer.state_dict(),
-        "history": list(job.history), "elapsed_s": elapsed, "timing": {**job.timer.collect(), "teacher": teacher_s},
-        "scaler": s.scaler.state_dict() if s.scaler is not None else None,
-    })
-
-
-def _timing_summary(job: Job, engine: Engine) -> dict[str, float]:
-    """Split the wall time: data, teacher forward, student step, evaluation, and the one-off cost of
-    warming up and capturing the steps (compilation included) as compile_s."""
-    totals, wall = job.timer.collect(), job.elapsed
-    parts = {"data_s": totals.get("data", 0.0), "teacher_s": _teacher_share(job, engine),
-             "student_s": totals.get("step", 0.0), "eval_s": totals.get("eval", 0.0)}
-    parts["other_s"] = max(0.0, wall - sum(parts.values()))
-    parts["wall_s"] = wall
-    parts["compile_s"] = job.setup_s()
-    parts["processes"] = engine.world.size if engine.world is not None else 1
-    return parts
+def _record_resume(store: Store, job: Job) -> None:
+    """The store's epochs as the job's checkpoint has them: the database may run ahead of the
+    checkpoint (epochs recorded while their checkpoint was still being written when the process
+    died), and the run continues from what the checkpoint knows."""
+    store.truncate_epochs(job.run_id, 0)
+    for i, metrics in enumerate(job.history):
+        store.record_epoch(job.run_id, i + 1, metrics)

@@ -11,7 +11,7 @@ from torch import nn
 
 import kdlab
 from kdlab import bnstats
-from kdlab.config import build_config
+from kdlab.configure import build_config
 from kdlab.data.loader import Batch
 
 MOBILENET = {"width": 0.5, "preset": "smoke", "epochs": 3, "batch_size": 16}

@@ -13,15 +13,16 @@ import graph_standin
 import pytest
 import torch
 
-from kdlab import distributed, loop
-from kdlab.config import build_config
+from kdlab import distributed
+from kdlab import job as job_module
+from kdlab.configure import build_config
 from kdlab.data import load_dataset
-from kdlab.engine import Engine, Job
-from kdlab.loop import build, build_loaders, prepare_teacher, run_group
+from kdlab.engine import Engine
+from kdlab.job import make_job, prepare_teacher
+from kdlab.loop import build_loaders, run_group
 from kdlab.methods import METHODS
 from kdlab.models import create_model
 from kdlab.store import Store
-from kdlab.timing import SegmentTimer
 
 # 4 training steps and 4 evaluation batches an epoch: the third call of each is captured, the fourth replayed.
 SMALL = {"width": 0.0625, "train_limit": 128, "test_limit": 64, "batch_size": 32, "eval_batch_size": 16,
@@ -125,14 +126,14 @@ def test_a_group_releases_its_graphs_and_models_when_it_ends(tmp_path, synthetic
     captured_graphs(monkeypatch)
     monkeypatch.setattr("kdlab.graphs.release_memory", lambda: None)  # no cyclic collection: refcounts alone
     students = []
-    real_build = loop.build
+    real_build = job_module.build
 
     def build_and_watch(*args, **kwargs):
         s = real_build(*args, **kwargs)
         students.append(weakref.ref(s.student))
         return s
 
-    monkeypatch.setattr(loop, "build", build_and_watch)
+    monkeypatch.setattr(job_module, "build", build_and_watch)
     cfgs = [config(synthetic_dir, "kd", epochs=1), config(synthetic_dir, "eskd", epochs=2)]
     gc.collect()
     gc.disable()
@@ -151,13 +152,13 @@ def test_a_replaced_graph_is_kept_until_the_group_ends(synthetic_dir, monkeypatc
     device = torch.device("cpu")
     teacher = teacher_for(cfg)
     train_loader, test_loader = build_loaders(cfg, dataset, device)
-    job = Job(cfg, "r", teacher, "r", s=build(cfg, dataset, teacher.model), timer=SegmentTimer(device))
+    job = make_job(cfg, dataset, teacher=teacher, run_id="r")
     engine = Engine([job], train_loader, test_loader, device, cfg.precision)
     for epoch in range(2):
         engine.start_epoch([job], epoch)
         for batch in train_loader.epoch(epoch):
             engine.step([job], batch, [0.1])
-    step = job.train_step
+    step = engine.state(job).train_step
     assert step.captures == 2 and len(step.retired) == 1  # KD stopped after epoch 1: captured again
     assert step.retired[0][0].tape  # the first graph still holds what it captured
     engine.close()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdlab.config import build_config
+from kdlab.configure import build_config
 from kdlab.data import load_dataset
 from kdlab.data.loader import channel_stats
 from kdlab.deploy.export import check_agreement, compare, export_onnx

@@ -54,7 +54,7 @@ def _free_port() -> int:
 
 
 def _train(rank: int, world: int, port: int, runs: str, data: str) -> None:
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
     from kdlab.loop import run
     from kdlab.store import Store
 
@@ -72,7 +72,7 @@ def _student(runs: Path) -> dict[str, torch.Tensor]:
 
 
 def test_shards_of_a_batch_are_the_batch_one_process_makes(synthetic_dir):
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
     from kdlab.data import load_dataset
     from kdlab.distributed import World
     from kdlab.loop import build_loaders
@@ -166,7 +166,7 @@ def test_one_run_only_under_torchrun(monkeypatch, tmp_path, capsys):
 
 
 def test_batch_not_divisible_by_the_processes_is_one_line(tmp_path, synthetic_dir, capsys):
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
     from kdlab.data import load_dataset
     from kdlab.distributed import World
     from kdlab.errors import UserError

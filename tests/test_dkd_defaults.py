@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import kdlab
-from kdlab.config import build_config
+from kdlab.configure import build_config
 from kdlab.methods import METHODS
 from kdlab.methods.dkd import weight_scale
 

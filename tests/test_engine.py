@@ -11,7 +11,7 @@ import torch
 
 import kdlab
 from kdlab import graphs
-from kdlab.config import build_config
+from kdlab.configure import build_config
 from kdlab.errors import UserError
 
 
@@ -103,9 +103,9 @@ def test_a_loss_term_new_at_capture_time_refuses_to_be_captured(monkeypatch):
 
 def test_evaluation_pads_to_a_fixed_batch_and_counts_only_real_rows(tiny):
     from kdlab.data import load_dataset
-    from kdlab.engine import Engine, Job
-    from kdlab.loop import build, build_loaders
-    from kdlab.timing import SegmentTimer
+    from kdlab.engine import Engine
+    from kdlab.job import make_job
+    from kdlab.loop import build_loaders
 
     cfg = build_config("smoke", "resnet18", overrides={**tiny, "test_limit": 100, "eval_batch_size": 32})
     dataset = load_dataset("synthetic", tiny["data_dir"])
@@ -114,7 +114,7 @@ def test_evaluation_pads_to_a_fixed_batch_and_counts_only_real_rows(tiny):
     assert len(batches) == 4 and all(len(b.y) == 32 for b in batches)
     assert int(sum(b.mask.sum() for b in batches)) == 100
     assert bool(batches[-1].mask[3]) and not bool(batches[-1].mask[4])  # 100 = 3 * 32 + 4 real rows
-    job = Job(cfg, "r", None, "r", s=build(cfg, dataset, None), timer=SegmentTimer(torch.device("cpu")))
+    job = make_job(cfg, dataset, run_id="r")
     engine = Engine([job], train, test, torch.device("cpu"), cfg.precision)
     model = job.s.student.eval()
     with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import kdlab
-from kdlab.config import build_config
+from kdlab.configure import build_config
 from kdlab.errors import UserError
 from kdlab.models import ForeignModel, create_model
 
@@ -79,7 +79,8 @@ def test_stage_features_follow_the_interface(name):
 
 def test_every_feature_method_on_a_timm_pair(tiny):
     from kdlab.data import load_dataset
-    from kdlab.loop import build, build_loaders
+    from kdlab.job import build
+    from kdlab.loop import build_loaders
     from kdlab.teacher import Teacher
 
     dataset = load_dataset("synthetic", tiny["data_dir"])
@@ -207,7 +208,7 @@ def test_foreign_state_dict_teacher_from_the_cli(tmp_path, tiny, capsys):
 
 def test_weights_file_starts_the_student(tmp_path, tiny):
     from kdlab.data import load_dataset
-    from kdlab.loop import build
+    from kdlab.job import build
 
     source = create_model(TIMM_T, 1.0, 100)  # another task's classifier: it cannot fit 10 classes
     path = tmp_path / "init.pt"

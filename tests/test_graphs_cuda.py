@@ -25,13 +25,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdlab.config import build_config
-from kdlab.engine import Engine, Job
-from kdlab.loop import build, build_loaders, lr_factor, prepare_teacher, run_group
+from kdlab.configure import build_config
+from kdlab.engine import Engine
+from kdlab.job import make_job, prepare_teacher
+from kdlab.loop import build_loaders, lr_factor, run_group
 from kdlab.methods import METHODS
 from kdlab.models import create_model
 from kdlab.store import Store
-from kdlab.timing import SegmentTimer
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -70,12 +70,8 @@ def train(cfgs: list, teacher_model, dataset, epochs: int = 2, strict_from: int 
     device = torch.device(DEVICE)
     teacher = prepare_teacher(teacher_model, cfgs[0], "t") if teacher_model is not None else None
     train_loader, test_loader = build_loaders(cfgs[0], dataset, device)
-    jobs = []
-    for cfg in cfgs:
-        job = Job(cfg, cfg.run_hash(), teacher if cfg.teacher else None, cfg.method)
-        job.s = build(cfg, dataset, teacher_model if cfg.teacher else None)
-        job.timer = SegmentTimer(device)
-        jobs.append(job)
+    jobs = [make_job(cfg, dataset, teacher=teacher if cfg.teacher else None, label=cfg.method, device=device)
+            for cfg in cfgs]
     engine = Engine(jobs, train_loader, test_loader, device, cfgs[0].precision)
     losses: list[list[float]] = [[] for _ in jobs]
     evals: list[list[tuple[float, float]]] = [[] for _ in jobs]
@@ -93,9 +89,10 @@ def train(cfgs: list, teacher_model, dataset, epochs: int = 2, strict_from: int 
             evals[i].append(results[job.run_id])
     if CUDA:
         torch.cuda.synchronize()
-    captured = {"train": [j.train_step.captures for j in jobs], "eval": [j.eval_step.captures for j in jobs],
+    states = [engine.state(j) for j in jobs]
+    captured = {"train": [st.train_step.captures for st in states], "eval": [st.eval_step.captures for st in states],
                 "teacher": [c.captures for c in engine.teacher_steps.values()],
-                "fallbacks": [c.fallback for j in jobs for c in (j.train_step, j.eval_step) if c.fallback]
+                "fallbacks": [c.fallback for st in states for c in (st.train_step, st.eval_step) if c.fallback]
                 + [c.fallback for c in engine.teacher_steps.values() if c.fallback]}
     engine.close()
     return {"jobs": jobs, "losses": losses, "evals": evals, "captured": captured}
@@ -226,9 +223,7 @@ def test_fast_group_of_nine_students_and_three_teachers(tmp_path):
         for t in names:
             for s in names:
                 cfg = build_config("fast", s, overrides=extra)
-                job = Job(cfg, f"{t}->{s}", teachers[t], f"{t}->{s}", s=build(cfg, dataset, teachers[t].model),
-                          timer=SegmentTimer(device))
-                jobs.append(job)
+                jobs.append(make_job(cfg, dataset, teacher=teachers[t], run_id=f"{t}->{s}", device=device))
         train_loader, test_loader = build_loaders(base, dataset, device)
         if CUDA:
             torch.cuda.synchronize()
@@ -260,7 +255,8 @@ def test_fast_group_of_nine_students_and_three_teachers(tmp_path):
             figures["barrier_share"] = 1 - max(figures["teachers_only_s"], figures["students_only_s"]) / seconds
         figures[f"{key}_steps_per_s"] = 1.0 / seconds
         figures[f"{key}_img_per_s_per_run"] = train_loader.batch_size / seconds
-        figures[f"{key}_fallbacks"] = [j.train_step.fallback for j in jobs if j.train_step.fallback]
+        figures[f"{key}_fallbacks"] = [engine.state(j).train_step.fallback for j in jobs
+                                       if engine.state(j).train_step.fallback]
         if CUDA:
             figures[f"{key}_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
             figures[f"{key}_peak_reserved_bytes"] = torch.cuda.max_memory_reserved()

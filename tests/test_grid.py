@@ -142,7 +142,7 @@ def test_report_formats_over_a_partial_grid(tmp_path, synthetic_dir, capsys):
 
 
 def test_students_of_one_teacher_share_its_forward(tmp_path, tiny):
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
     from kdlab.loop import run_group
     from kdlab.models import create_model
     from kdlab.teacher import Teacher

@@ -61,7 +61,7 @@ def test_a_test_accuracy_at_chance_after_training_far_above_it_is_flagged():
 
 def test_each_verdict_is_printed_with_what_to_do(capsys):
     from kdlab.cli import _print_record
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
 
     cfg = build_config("smoke", "vgg16", overrides={"width": 0.0625, "dataset": "synthetic"})
     for health, expected in (("not learning: training accuracy stayed at chance (10.0%) for all 15 epochs",
@@ -93,7 +93,7 @@ def test_finished_runs_carry_their_verdict(tmp_path, tiny):
 
 def test_diverged_runs_are_listed_not_tabled(tmp_path, capsys):
     from kdlab.cli import _print_record
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
 
     store = Store(tmp_path)
     cfgs = [build_config("smoke", "vgg16", overrides={"width": 0.0625, "seed": s, "dataset": "synthetic"})
@@ -118,7 +118,7 @@ def test_diverged_runs_are_listed_not_tabled(tmp_path, capsys):
 
 
 def test_attention_transfer_weighs_beta_times_the_sum():
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
     from kdlab.data.loader import Batch
     from kdlab.losses import at_loss
     from kdlab.methods import METHODS
@@ -140,7 +140,7 @@ def test_attention_transfer_weighs_beta_times_the_sum():
 
 
 def test_byot_hint_weight_is_one():
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
     from kdlab.data.loader import Batch
     from kdlab.losses import pool_to
     from kdlab.methods import METHODS

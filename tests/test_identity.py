@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 import kdlab
-from kdlab.config import bind_dataset, build_config
+from kdlab.configure import bind_dataset, build_config
 from kdlab.data import identify_dataset
 from kdlab.store import SCHEMA_VERSION, Store
 

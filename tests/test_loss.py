@@ -71,7 +71,7 @@ def test_paper_snippet_is_not_equation_2():
 
 
 def test_paper_snippet_method_terms_sum_to_the_snippet_loss():
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
     from kdlab.data.loader import Batch
     from kdlab.methods import METHODS
     from kdlab.models import create_model

@@ -8,7 +8,7 @@ import json
 import torch
 
 from kdlab.cli import main
-from kdlab.config import build_config
+from kdlab.configure import build_config
 from kdlab.store import Store
 
 OWNER = "testhost:1:abc"

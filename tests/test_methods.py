@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdlab.config import build_config
+from kdlab.configure import build_config
 from kdlab.data.loader import Batch
 from kdlab.errors import UserError
 from kdlab.methods import METHODS

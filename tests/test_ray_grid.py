@@ -166,7 +166,7 @@ def test_store_proxy_has_the_interface_of_store():
 
 
 def test_the_loop_trains_through_the_proxy_and_a_retry_takes_over_its_claim(tmp_path, tiny):
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
 
     writer = StoreWriter(tmp_path)
     proxy = StoreProxy(tmp_path, writer.call)

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from kdlab import paper
-from kdlab.config import build_config
+from kdlab.configure import build_config
 from kdlab.errors import UserError
 from kdlab.report import build_report, display_name, render, write_report
 from kdlab.store import Store

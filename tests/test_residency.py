@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import kdlab
-from kdlab.config import build_config
+from kdlab.configure import build_config
 from kdlab.data import load_dataset, residency
 from kdlab.data.augment import batch_generator, centre_crop, resized_crop, resized_crop_boxes
 from kdlab.data.loader import DeviceLoader

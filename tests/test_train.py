@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kdlab
-from kdlab.config import build_config
+from kdlab.configure import build_config
 from kdlab.data.loader import CENTER_VIEW, NUM_VIEWS, DeviceLoader, augment_views
 from kdlab.loop import lr_factor
 from kdlab.store import Store
@@ -84,7 +84,8 @@ def test_online_distillation_needs_no_teacher(tmp_path, tiny):
 
 def test_teacher_gets_no_gradients_and_stays_in_eval(tiny):
     from kdlab.data import load_dataset
-    from kdlab.loop import build, build_loaders
+    from kdlab.job import build
+    from kdlab.loop import build_loaders
     from kdlab.models import create_model
     from kdlab.teacher import Teacher
 

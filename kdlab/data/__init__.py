@@ -10,9 +10,8 @@ from kdlab.data.datasets import (
     Split,
     default_cache_dir,
     default_data_dir,
-    identify_dataset,
-    load_dataset,
 )
+from kdlab.data.sources import identify_dataset, load_dataset
 from kdlab.data.synthetic import write_synthetic_cifar
 
 __all__ = ["DataIdentity", "DataMissing", "Dataset", "Split", "dataset_for", "default_cache_dir", "default_data_dir",

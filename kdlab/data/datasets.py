@@ -1,5 +1,5 @@
-"""Dataset containers, the data and cache directories, and the entry points that load or identify
-a dataset by name.
+"""Dataset containers, the data and cache directories, and the fingerprints of content.
+(The entry points that load or identify a dataset by name are `kdlab.data.sources`.)
 
 Every dataset is held as uint8 HWC images and int64 labels in numpy arrays; for datasets kdlab
 reads from files (CIFAR, folders, Hugging Face datasets) the images are memory-mapped from the
@@ -27,9 +27,6 @@ import numpy as np
 
 from kdlab.data.pixels import channel_stats
 from kdlab.errors import UserError
-
-BUILTIN_NAMES = ("cifar10", "cifar100", "synthetic")
-HF_PREFIX = "hf:"  # --dataset hf:PATH_OR_NAME: a Hugging Face dataset (kdlab.data.hf)
 
 
 class DataMissing(UserError):
@@ -117,62 +114,6 @@ def _cache_home(variable: str, leaf: str) -> Path:
     return Path.home() / ".cache" / "kdlab" / leaf
 
 
-def _locate(name: str, data_dir: Path | str | None) -> tuple[str, Path | str]:
-    """('cifar10' | 'cifar100' | 'synthetic' | 'folder' | 'hf', where its files are) for a dataset name."""
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    key = name.strip().lower()
-    if key in ("cifar10", "cifar100"):
-        return key, root
-    if key == "synthetic":
-        return key, root / "synthetic"
-    if name.startswith(HF_PREFIX):
-        return "hf", name[len(HF_PREFIX):]
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return "folder", path
-    if os.sep in name or "/" in name or name.startswith((".", "~")):
-        raise DataMissing(f"dataset folder {path} does not exist")
-    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(BUILTIN_NAMES)}, give the path to a "
-                    "folder with train/<class>/ and test/<class>/ (or val/<class>/) images, or hf:PATH_OR_NAME "
-                    "for a Hugging Face dataset")
-
-
-def data_source(name: str, data_dir: Path | str | None = None, *, image_size: int = 0, download: bool = True,
-                fetch: bool = True) -> Any:
-    """The `kdlab.data.cache.Source` of a dataset name: what its files are now and how to decode them.
-    With `fetch` false nothing is downloaded or generated: missing files raise `DataMissing`."""
-    # Imported here because these modules import Split and Dataset from this one.
-    from kdlab.data import cifar, folder, hf, synthetic
-
-    if image_size < 0:
-        raise UserError(f"image_size must be >= 0 (0: the images' own size), got {image_size}")
-    kind, where = _locate(name, data_dir)
-    if kind == "synthetic":
-        return synthetic.source(Path(where), image_size, generate=fetch)
-    if kind == "folder":
-        return folder.source(Path(where), image_size)
-    if kind == "hf":
-        return hf.source(str(where), image_size)
-    return cifar.source(kind, Path(where), image_size, download=download and fetch, fetch=fetch)
-
-
-def load_dataset(name: str, data_dir: Path | str | None = None, download: bool = True, *, image_size: int = 0,
-                 cache_dir: Path | str | None = None) -> Dataset:
-    """Load ``cifar10``, ``cifar100``, ``synthetic``, a folder of images by path, or ``hf:PATH_OR_NAME``.
-
-    ``data_dir`` defaults to :func:`default_data_dir`. CIFAR archives are downloaded into it when
-    missing and ``download`` is true; ``synthetic`` is generated into ``data_dir/synthetic``.
-    A folder must hold ``train/<class>/*`` and ``test/<class>/*`` (or ``val/<class>/*``), PNG or
-    JPEG. ``image_size`` S > 0 stores every image at S x S (shorter side to S, centre crop), which
-    images of different sizes need. The images are decoded once into ``cache_dir`` (default
-    :func:`default_cache_dir`) and memory-mapped from there. Problems with the user's files raise
-    :class:`~kdlab.errors.UserError`.
-    """
-    from kdlab.data import cache
-
-    return cache.load(data_source(name, data_dir, image_size=image_size, download=download), cache_dir)
-
-
 @dataclass(frozen=True)
 class DataIdentity:
     """What a run is trained on: where (`location`), what (`fingerprint`), and a description (`info`)."""
@@ -180,29 +121,6 @@ class DataIdentity:
     location: str  # a built-in dataset's name, a folder's absolute path, hf:...: where, not what
     fingerprint: str  # `fingerprint_arrays` of the content: what the run's identity covers
     info: dict[str, Any]  # name (for people), image_size [h, w], classes, train and test image counts
-
-
-def identify_dataset(name: str, data_dir: Path | str | None = None, *, image_size: int = 0,
-                     cache_dir: Path | str | None = None, decode: bool = True) -> DataIdentity | None:
-    """The dataset's identity: read from its decoded cache when its files are unchanged (no decoding),
-    otherwise by loading it once, which decodes (or downloads) it into that cache. With `decode`
-    false, None instead of decoding, downloading or generating anything (a dry run's plan)."""
-    from kdlab.data import cache
-
-    try:
-        source = data_source(name, data_dir, image_size=image_size, fetch=decode)
-    except DataMissing:
-        if decode:
-            raise
-        return None
-    found = cache.identity(source, cache_dir)
-    if found is None:
-        if not decode:
-            return None
-        dataset = cache.load(source, cache_dir)
-        found = dataset.fingerprint, content_facts(dataset.train, dataset.test, dataset.classes)
-    fingerprint, facts = found
-    return DataIdentity(source.location, fingerprint, {"name": source.name, **facts})
 
 
 def ensure_dir(path: Path, what: str = "the data folder", remedy: str = "pass another --data-dir") -> None:

@@ -191,7 +191,8 @@ def derived_config(record: RunRecord, changes: dict[str, Any], overrides: dict[s
                    data_dir: str | None = None) -> Config:
     """A fine-tuning run's config: `record`'s, with `changes`, then the user's `overrides` (--set),
     validated as any config is."""
-    from kdlab.config import _DERIVED_FIELDS, bind_dataset, build_config
+    from kdlab.config import _DERIVED_FIELDS
+    from kdlab.configure import bind_dataset, build_config
 
     cfg = {k: v for k, v in {**dataclasses.asdict(run_config(record)), **changes}.items() if k not in _DERIVED_FIELDS}
     extra = {**(overrides or {}), **({"data_dir": data_dir} if data_dir else {})}

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor, nn
 
 from kdlab.errors import UserError
+from kdlab.models.foreign import FEATURE_READERS
 
 if TYPE_CHECKING:
     from kdlab.config import Config
@@ -27,6 +28,8 @@ def register_method(cls: type[Method]) -> type[Method]:
     if cls.name in METHODS:
         raise ValueError(f"method {cls.name!r} registered twice")
     METHODS[cls.name] = cls
+    if cls.uses_features:
+        FEATURE_READERS.add(cls.name)  # named by a model's "no stage features" message (kdlab.models.foreign)
     return cls
 
 

@@ -64,11 +64,15 @@ def import_extra(module: str, extra: str) -> Any:
         raise UserError(f"this needs {module}, which does not import{detail}: pip install 'kdlab[{extra}]'") from None
 
 
+# Names of the methods that read stage features, for the message of a model that gives none. The
+# methods registry (one layer up, kdlab.methods.base.register_method) adds them, so this layer
+# names them without importing the methods.
+FEATURE_READERS: set[str] = set()
+
+
 def feature_methods() -> list[str]:
     """Names of the registered methods that read stage features."""
-    from kdlab.methods import METHODS
-
-    return sorted(name for name, cls in METHODS.items() if cls.uses_features)
+    return sorted(FEATURE_READERS)
 
 
 def no_features(name: str, why: str) -> UserError:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdlab.checkpoints import CHECKPOINT_FORMAT
 from kdlab.errors import UserError
 from kdlab.models.foreign import ForeignModel, inner
 
@@ -43,8 +44,6 @@ def read_checkpoint(path: Path, trust: bool = False) -> Any:
 def plain_state(obj: Any) -> dict[str, Tensor] | None:
     """The state dict in a file's contents: the dict itself, or one under a usual key
     (``state_dict``, ``model``, ``model_state_dict``), without DataParallel's ``module.`` prefixes."""
-    from kdlab.loop import CHECKPOINT_FORMAT  # imported here: the loop imports this module
-
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return None
     for key in ("state_dict", "model_state_dict", "model"):
@@ -103,8 +102,6 @@ def key_differences(mine: dict[str, Tensor], theirs: dict[str, Tensor], shown: i
 def load_initial_weights(model: nn.Module, path: str | Path) -> None:
     """Start ``model`` from the weights in a file (``--set weights=PATH``): a plain state dict or a
     kdlab checkpoint; a classifier for other classes is left as initialised, with a note."""
-    from kdlab.loop import CHECKPOINT_FORMAT  # imported here: the loop imports this module
-
     p = Path(path).expanduser()
     obj = read_checkpoint(p)
     state = plain_state(obj)

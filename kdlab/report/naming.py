@@ -48,7 +48,7 @@ def study_teacher_width(runs: Iterable[RunRecord], by_id: dict[str, RunRecord]) 
 
 @cache
 def preset_config(preset: str, model: str) -> dict[str, Any]:
-    from kdlab.config import build_config
+    from kdlab.configure import build_config
 
     try:
         return build_config(preset, model).to_dict()
