@@ -38,10 +38,10 @@ _LOCATION_FIELDS = ("data_dir", "device", "teacher_path", "threads", "snapshots"
                     "sync_bn", "data_info", "weights", "tensorboard", "mlflow", "cache_dir", "data_residency")
 # Fields added after the first stores were written: hashed only when they differ from their default,
 # so the runs of older stores keep their ids.
-_LATER_FIELDS = {"model_args": {}, "data_fingerprint": None, "weights_id": None, "image_size": 0, "crop_size": 0,
-                 "augmentation": "pad-crop"}
+LATER_FIELDS = {"model_args": {}, "data_fingerprint": None, "weights_id": None, "image_size": 0, "crop_size": 0,
+                "augmentation": "pad-crop", "processes": 1}
 # Fields kdlab computes (bind_dataset, build_config): a settings file or --set may not give them.
-_DERIVED_FIELDS = ("data_fingerprint", "data_info", "weights_id")
+_DERIVED_FIELDS = ("data_fingerprint", "data_info", "weights_id", "processes")
 # model_args keys that say where a file is, not what it holds (its digest sits beside it and is hashed).
 _LOCATION_MODEL_ARGS = ("path",)
 
@@ -102,6 +102,10 @@ class Config:
     snapshots: list[int] = field(default_factory=list)  # also keep the weights after these epochs (ESKD teachers)
     checkpoint_every: int = 1  # epochs between checkpoints (and the last epoch); written off the training thread
     sync_bn: bool = True  # one run on several GPUs (torchrun): BatchNorm statistics over the global batch
+    # How many processes train the run (torchrun; set when the config is built). Part of the identity when
+    # more than one: the result differs from the one-process run's (per-process BatchNorm statistics on CPUs,
+    # sums in another order everywhere), so the two are different runs.
+    processes: int = 1
     # where the run is also logged (kdlab.loggers); the runs database stays the record
     tensorboard: bool = True  # event files under RUNS_DIR/tb/ when the tensorboard package is installed
     mlflow: str | None = None  # an MLflow tracking URI (a server, or a local folder)
@@ -113,10 +117,11 @@ class Config:
         With a fingerprint, the data is identified by its content, so the dataset's name (or path)
         is left out: the same images under another path are the same run, other images another.
         A method whose behaviour changed since the first stores (`Method.version`) adds its version.
+        A run on several processes adds their number; a one-process run keeps the id it always had.
         """
         skip = {*_LOCATION_FIELDS, "dataset"} if self.data_fingerprint else set(_LOCATION_FIELDS)
         data = {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in skip and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+                if k not in skip and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
         if "model_args" in data:
             data["model_args"] = {k: v for k, v in data["model_args"].items() if k not in _LOCATION_MODEL_ARGS}
         if data.get("bn_stats") in ("auto", "running"):
@@ -214,8 +219,8 @@ def coerce(key: str, value: Any, source: str) -> Any:
         known = ", ".join(f.name for f in dataclasses.fields(Config) if f.name not in _DERIVED_FIELDS)
         raise UserError(f"unknown setting {key!r} in {source}; known settings: {known}")
     if key in _DERIVED_FIELDS:
-        raise UserError(f"setting {key!r} in {source} is computed by kdlab from the dataset's (or weights') files; "
-                        "remove it")
+        source_of = "the processes it runs on" if key == "processes" else "the dataset's (or weights') files"
+        raise UserError(f"setting {key!r} in {source} is computed by kdlab from {source_of}; remove it")
     kind = _FIELD_TYPES[key]
     ok, converted = _check_type(kind, value)
     if not ok:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kdlab import bnstats
+from kdlab import bnstats, distributed
 from kdlab.config import (
     BN_STATS,
     COMPILE_MODES,
@@ -49,6 +49,9 @@ def build_config(preset: str = "paper", model: str = "resnet18", file_values: di
     if preset == "imagenet" and "lr" not in file_values and "lr" not in overrides:
         values["lr"] = IMAGENET_LR_PER_256 * values["batch_size"] / 256  # the linear scaling rule (Goyal et al.)
     cfg = Config(**values)
+    # Under torchrun the run trains on every process of the world: another run than the one-process run.
+    world = distributed.current()
+    cfg.processes = world.size if world is not None else 1
     if cfg.precision == "auto":
         # Settled here, so the run's identity holds the precision it really trains in (bf16 and fp16
         # runs differ), and a config built on one machine means the same on another.

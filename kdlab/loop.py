@@ -102,6 +102,9 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
         if len(specs) > 1:
             raise UserError("torchrun trains one run on several processes: use it with `kdlab train` or "
                             "`kdlab distill`, and `kdlab grid --ray` for a study on several GPUs")
+        if specs[0][0].processes != world.size:  # the id must say how many processes trained the run
+            raise ValueError(f"a config built for {specs[0][0].processes} processes, run on {world.size}: build it "
+                             "under torchrun (kdlab.configure.build_config)")
         distributed.init(world, resolve_device(specs[0][0].device), graphs=specs[0][0].graphs)
         store = distributed.for_rank(store, world)
         silent = silent or not world.main

@@ -6,6 +6,7 @@
   SyncBatchNorm exists for GPUs only, so each rank normalises with the statistics of its own half
   of the batch (on GPUs `sync_bn`, on by default, computes them over the global batch).
 - A rank killed with SIGKILL stops the whole run, which then resumes from its checkpoint.
+- A run on 2 processes is another run than the one-process run (its result differs): its own id.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from kdlab.cli import main
 from kdlab.models import ModelSource, create_model, register_source
+from kdlab.store import Store
 
 SETTINGS = {"width": 0.125, "dataset": "synthetic", "train_limit": 512, "test_limit": 256, "batch_size": 128,
             "eval_batch_size": 128, "epochs": 1, "lr": 0.02}
@@ -64,6 +66,14 @@ def _train(rank: int, world: int, port: int, runs: str, data: str) -> None:
     torch.set_num_threads(1)
     cfg = build_config("smoke", "test-nobn:resnet18", overrides={**SETTINGS, "data_dir": data})
     run(cfg, Store(runs), silent=True)
+
+
+def _command(rank: int, world: int, port: int, args: list[str]) -> None:
+    """`kdlab ARGS` as rank `rank` of `world` processes (what torchrun starts)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert main(args) == 0
 
 
 def _student(runs: Path) -> dict[str, torch.Tensor]:
@@ -177,3 +187,34 @@ def test_batch_not_divisible_by_the_processes_is_one_line(tmp_path, synthetic_di
         build_loaders(cfg, load_dataset("synthetic", synthetic_dir), torch.device("cpu"), World(0, 4, 0))
     assert main(["train", "resnet18", "--nproc", "0", "--runs-dir", str(tmp_path)]) == 2
     assert "--nproc" in capsys.readouterr().err
+
+
+def test_a_run_on_two_processes_is_not_the_one_process_run(tmp_path, synthetic_dir, capfd):
+    # With BatchNorm, 2 processes on CPUs train another model than one process (each normalises with its
+    # half of the batch): the same command under torchrun is another run, with an id of its own, even on
+    # a runs dir that holds the one-process run; and the two merge without a conflict.
+    runs = tmp_path / "runs"
+    args = ["train", "resnet18", "--preset", "smoke", "--dataset", "synthetic", "--data-dir", str(synthetic_dir),
+            "--runs-dir", str(runs), "--set", "width=0.125", "--set", "train_limit=512", "--set", "test_limit=256",
+            "--batch-size", "128", "--set", "eval_batch_size=128", "--epochs", "1", "--quiet"]
+    assert main(args) == 0
+    (one,) = Store(runs).runs()
+    capfd.readouterr()
+    mp.spawn(_command, args=(2, _free_port(), args), nprocs=2)
+    out = capfd.readouterr().out
+    records = {r.run_id: r for r in Store(runs).runs()}
+    assert len(records) == 2, "the two-process command returned the stored one-process run"
+    (two,) = (r for r in records.values() if r.run_id != one.run_id)
+    assert f"run {two.run_id}:" in out and f"run {one.run_id}:" not in out
+    assert (one.config["processes"], two.config["processes"]) == (1, 2)
+    assert two.status == "done" and two.timing["processes"] == 2
+    weights = [torch.load(Store(runs).checkpoint_path(r.run_id), weights_only=True)["student"] for r in (one, two)]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # they are not the same run
+    # The two runs, trained on two machines, merge side by side.
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
+    a.import_run(Store(runs).export_run(one.run_id))
+    b.import_run(Store(runs).export_run(two.run_id))
+    a.close()
+    b.close()
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--into", str(tmp_path / "both")]) == 0
+    assert "0 found in several, 0 conflicts" in capfd.readouterr().out

@@ -8,8 +8,10 @@ import sqlite3
 import pytest
 
 import kdlab
+from kdlab.config import Config
 from kdlab.configure import bind_dataset, build_config
 from kdlab.data import identify_dataset
+from kdlab.report.naming import recipe
 from kdlab.store import SCHEMA_VERSION, Store
 
 RUN = {"epochs": 1, "batch_size": 8, "width": 0.0625}
@@ -121,3 +123,22 @@ def test_bound_config_hash_ignores_where_the_data_is(synthetic_dir):
     moved = bind_dataset(cfg)
     moved.data_dir = "/elsewhere"
     assert bound.run_hash() == moved.run_hash() and bound.data_info["name"] == "synthetic"
+
+
+def test_a_one_process_run_keeps_its_id_and_a_run_on_several_is_another(monkeypatch):
+    # Ids from before the number of processes entered the identity (issue 18, item 6): unchanged.
+    assert Config().run_hash() == "bf1dfd7e2e923a2b"
+    overrides = {"width": 0.125, "method": "dkd", "teacher": "abc"}
+    one = build_config("smoke", "resnet18", overrides=overrides)
+    assert one.processes == 1 and one.run_hash() == "c8e1e7f6bd16e710"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun
+    monkeypatch.setenv("RANK", "0")
+    two = build_config("smoke", "resnet18", overrides=overrides)
+    assert two.processes == 2 and two.run_hash() != one.run_hash()
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(kdlab.UserError, match="'processes'.*computed by kdlab"):
+        build_config("smoke", "resnet18", overrides={"processes": 2})
+    # The report reads a run stored before the field existed as one process: no recipe of its own.
+    stored = one.to_dict()
+    del stored["processes"]
+    assert recipe(stored) == "" and recipe(two.to_dict()) == "processes=2"

@@ -16,6 +16,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from kdlab import paper
+from kdlab.config import LATER_FIELDS
 from kdlab.errors import UserError
 from kdlab.models.registry import display_name
 
@@ -61,7 +62,7 @@ def differences(cfg: dict[str, Any], keys: Iterable[str]) -> list[str]:
     base = preset_config(str(cfg.get("preset")), str(cfg.get("model")))
     out = []
     for key in keys:
-        value = cfg.get(key)
+        value = cfg.get(key, LATER_FIELDS.get(key))  # a run stored before a field existed had its default
         if key == "method_args":
             out += [f"{k}={plain(v)}" for k, v in sorted((value or {}).items())]
         elif key not in base or base[key] != value:
