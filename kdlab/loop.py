@@ -34,7 +34,7 @@ from kdlab.methods import METHODS
 from kdlab.models import create_model
 from kdlab.models.profile import model_facts
 from kdlab.models.weights import load_initial_weights
-from kdlab.progress import MAX_LIVE_RUNS, Progress
+from kdlab.progress import MAX_LIVE_RUNS, Progress, echo
 from kdlab.store import Heartbeat, RunRecord, Store, owner_id
 from kdlab.teacher import Teacher
 from kdlab.timing import SegmentTimer
@@ -142,13 +142,15 @@ def run(cfg: Config, store: Store, *, teacher: Teacher | None = None, teacher_mo
 
 def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Store, *,
               dataset: Dataset | None = None, quiet: bool = False, silent: bool = False,
-              on_claim: Callable[[str, str], None] | None = None) -> dict[str, RunRecord | None]:
+              on_claim: Callable[[str, str], None] | None = None,
+              on_resume: Callable[[str, int], None] | None = None) -> dict[str, RunRecord | None]:
     """Train several runs side by side on one loader: each batch is made once, a teacher serving
     several students runs once per batch for all of them, and on a GPU the runs' steps overlap.
 
     All runs must share `loader_key`. Returns each run's record (None: another process holds it).
     Finished runs are returned as they are; interrupted ones resume from their checkpoints.
     Under torchrun (WORLD_SIZE > 1) the one run trains on all the processes (`kdlab.distributed`).
+    `on_resume(run_id, epoch)` is told where each run starts (else a resumed run says it itself).
     """
     if len({loader_key(cfg) for cfg, _, _ in specs}) > 1:
         raise ValueError("runs of one group must share their loader settings (loader_key)")
@@ -182,11 +184,11 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
         writes = getattr(store, "is_writer", True)  # in a run on several processes, rank 0 keeps the claim
         with Heartbeat(store, [j.run_id for j in jobs], owner) if writes else nullcontext():
             dataset = dataset or dataset_for(jobs[0].cfg)
-            _train_group(jobs, store, writer, dataset, quiet, silent, world)
+            _train_group(jobs, store, writer, dataset, quiet, silent, world, on_resume)
     except BaseException as e:
         writer.close()
         for job in jobs:
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            if isinstance(e, (KeyboardInterrupt, SystemExit, UserError)):  # bad input is not the run's failure
                 store.release(job.run_id, owner)
             elif job.alive:
                 store.fail(job.run_id, f"{type(e).__name__}: {e}")
@@ -210,7 +212,8 @@ def _keep_compile_caches(root: Path) -> None:
 
 
 def _train_group(jobs: list[Job], store: Store, writer: CheckpointWriter, dataset: Dataset, quiet: bool,
-                 silent: bool, world: distributed.World | None) -> None:
+                 silent: bool, world: distributed.World | None,
+                 on_resume: Callable[[str, int], None] | None = None) -> None:
     device = resolve_device(jobs[0].cfg.device)
     if world is not None and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -225,6 +228,11 @@ def _train_group(jobs: list[Job], store: Store, writer: CheckpointWriter, datase
                                      warn=not silent))
         job.log = start_loggers(job.cfg, job.run_id, job.label, store)
         job.start_epoch, job.history, job.elapsed = _resume(store, job.run_id, job.s, job.timer)
+        if on_resume is not None:
+            on_resume(job.run_id, job.start_epoch)
+        elif job.start_epoch and not silent:
+            name = job.label if job.label != job.run_id else f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method}"
+            echo(f"resuming {name} {job.run_id[:8]} at epoch {job.start_epoch} of {job.cfg.epochs}")
         job.progress = Progress(job.cfg.epochs, len(train_loader), train_loader.batch_size,
                                 quiet=quiet or len(jobs) > MAX_LIVE_RUNS, silent=silent,
                                 label=f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method} {job.run_id[:8]}")
