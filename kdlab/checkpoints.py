@@ -18,7 +18,7 @@ import torch
 
 if TYPE_CHECKING:
     from kdlab.config import Config
-    from kdlab.engine import Setup
+    from kdlab.job import Setup
     from kdlab.store import Store
 
 # What a kdlab checkpoint file says it is (its "format" key): weights readers tell it from a plain state dict.

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from kdlab.errors import UserError
-from kdlab.grid import PAPER_MODELS
 from kdlab.progress import echo
+from kdlab.schedule.plan import PAPER_MODELS
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "small runs on a card (default 1 on a cluster with GPUs, else 0)")
     p.add_argument("--retries", type=int, default=3, help="with --ray: times a run whose worker or node died "
                    "is tried again (default 3)")
+    p.add_argument("--ray-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="with --ray HOST:PORT: how long the head node has to answer (default 60)")
     p.add_argument("--compress", default="", metavar="prune=R,int8",
                    help="then compress every distilled student (see `kdlab compress`), e.g. prune=0.5,int8")
     _add_run_options(p)
@@ -313,12 +315,16 @@ def _grid(args: argparse.Namespace) -> int:
     from kdlab import distributed
     from kdlab.api import default_runs_dir
     from kdlab.deploy.compress import compress_grid, parse_compress, plan_lines
-    from kdlab.grid import GridSpec, log_finished_runs, plan, provisional, run_with_workers, states
+    from kdlab.schedule.plan import GridSpec, plan, provisional, states
+    from kdlab.schedule.scheduler import check_options, log_finished_runs, run_grid, summary
     from kdlab.store import DB_NAME, Store
 
     if distributed.current() is not None:
         raise UserError("kdlab grid does not run under torchrun (that trains one run on several GPUs): run the "
                         "grid with --workers on one machine, or with --ray on a cluster")
+    grid_options = dict(workers=args.workers, ray=args.ray, gpus_per_run=args.gpus_per_run, retries=args.retries,
+                        ray_timeout=args.ray_timeout)
+    check_options(**grid_options)
     overrides = {k: v for k, v in _overrides(args, {}).items() if k not in ("dataset", "data_dir")}
     spec = GridSpec(teachers=_csv(args.teachers), students=_csv(args.students), seeds=args.seeds,
                     preset=args.preset, methods=_csv(args.methods), dataset=args.dataset, data_dir=args.data_dir,
@@ -327,12 +333,6 @@ def _grid(args: argparse.Namespace) -> int:
                     teacher_width=args.teacher_width, student_width=args.student_width)
     runs = plan(spec, decode=not args.dry_run)
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir()
-    if args.ray:
-        from kdlab.ray_grid import check_ray
-
-        check_ray()
-        if args.workers != 1:
-            raise UserError("--workers and --ray do not mix: Ray places the runs (see --gpus-per-run)")
     compress = parse_compress(args.compress) if args.compress else None
     if args.dry_run:
         store = Store(runs_dir, readonly=True) if (runs_dir / DB_NAME).exists() else None
@@ -346,21 +346,13 @@ def _grid(args: argparse.Namespace) -> int:
                  "nothing: these run ids are provisional, named after its place; the grid names them after its "
                  "content once it has read it")
         return 0
-    log, failed_workers = echo, 0
+    log = echo
     log_finished_runs(runs, runs_dir)  # --mlflow on runs finished before: their stored records
-    if args.ray:
-        from kdlab.ray_grid import run_grid_ray
-
-        counts = run_grid_ray(runs, runs_dir, args.ray, gpus_per_run=args.gpus_per_run, retries=args.retries,
-                              log=log)
-    else:
-        counts, failed_workers = run_with_workers(runs, runs_dir, args.workers,
-                                                  _without_option(args.argv[2:], "--workers"), quiet=args.quiet,
-                                                  log=log)
+    counts = run_grid(runs, runs_dir, **grid_options, quiet=args.quiet, log=log)
     if compress:
         counts.update(compress_grid(runs, runs_dir, compress, quiet=args.quiet, log=log))
-    print(", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "diverged"))
-    return 0 if counts.get("failed", 0) == counts.get("compress failed", 0) == 0 and not failed_workers else 1
+    print(summary(counts))
+    return 0 if counts.get("failed", 0) == counts.get("compress failed", 0) == 0 else 1
 
 
 def _grid_method_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -418,9 +410,10 @@ def _merge(args: argparse.Namespace) -> int:
 
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
-    from kdlab.grid import GridSpec, plan, run_with_workers
     from kdlab.outputs import writable_dir
     from kdlab.report import build_report, render, write_report
+    from kdlab.schedule.plan import GridSpec, plan
+    from kdlab.schedule.scheduler import run_grid
     from kdlab.store import Store
 
     runs_dir = writable_dir(args.runs_dir, "--runs-dir")
@@ -430,9 +423,7 @@ def _demo(args: argparse.Namespace) -> int:
     runs = plan(spec)
     print(f"kdlab demo: the paper's study ({len(runs)} runs: 15 x {args.seeds} seeds) on synthetic data, smoke "
           f"preset, CPU, {args.workers} processes", file=sys.stderr)
-    grid_args = ["--preset", "smoke", "--dataset", "synthetic", "--data-dir", data_dir, "--runs-dir", str(runs_dir),
-                 "--seeds", str(args.seeds)]
-    run_with_workers(runs, runs_dir, args.workers, grid_args, quiet=args.quiet, silent=args.quiet, log=echo)
+    run_grid(runs, runs_dir, workers=args.workers, quiet=args.quiet, silent=args.quiet, log=echo)
     store = Store(runs_dir, readonly=True)
     report = build_report(store, dataset="synthetic", preset="smoke")
     store.close()

@@ -32,7 +32,7 @@ from kdlab.errors import RunBusy, UserError
 from kdlab.job import Job, make_job, prepare_teacher
 from kdlab.loggers import start_loggers
 from kdlab.models.profile import model_facts
-from kdlab.progress import MAX_LIVE_RUNS, Progress
+from kdlab.progress import MAX_LIVE_RUNS, Progress, echo
 from kdlab.store import Heartbeat, RunRecord, Store, owner_id
 from kdlab.teacher import Teacher
 
@@ -87,13 +87,15 @@ def run(cfg: Config, store: Store, *, teacher: Teacher | None = None, teacher_mo
 
 def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Store, *,
               dataset: Dataset | None = None, quiet: bool = False, silent: bool = False,
-              on_claim: Callable[[str, str], None] | None = None) -> dict[str, RunRecord | None]:
+              on_claim: Callable[[str, str], None] | None = None,
+              on_resume: Callable[[str, int], None] | None = None) -> dict[str, RunRecord | None]:
     """Train several runs side by side on one loader: each batch is made once, a teacher serving
     several students runs once per batch for all of them, and on a GPU the runs' steps overlap.
 
     All runs must share `loader_key`. Returns each run's record (None: another process holds it).
     Finished runs are returned as they are; interrupted ones resume from their checkpoints.
     Under torchrun (WORLD_SIZE > 1) the one run trains on all the processes (`kdlab.distributed`).
+    `on_resume(run_id, epoch)` is told where each run starts (else a resumed run says it itself).
     """
     if len({loader_key(cfg) for cfg, _, _ in specs}) > 1:
         raise ValueError("runs of one group must share their loader settings (loader_key)")
@@ -131,12 +133,12 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
         writes = getattr(store, "is_writer", True)  # in a run on several processes, rank 0 keeps the claim
         with Heartbeat(store, [cfg.run_hash() for cfg, _, _ in claimed], owner) if writes else nullcontext():
             dataset = dataset or dataset_for(claimed[0][0])
-            _train_group(claimed, jobs, store, writer, dataset, quiet, silent, world)
+            _train_group(claimed, jobs, store, writer, dataset, quiet, silent, world, on_resume)
     except BaseException as e:
         writer.close()
         alive = {j.run_id: j.alive for j in jobs}
         for cfg, _, _ in claimed:
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            if isinstance(e, (KeyboardInterrupt, SystemExit, UserError)):  # bad input is not the run's failure
                 store.release(cfg.run_hash(), owner)
             elif alive.get(cfg.run_hash(), True):
                 store.fail(cfg.run_hash(), f"{type(e).__name__}: {e}")
@@ -161,7 +163,7 @@ def _keep_compile_caches(root: Path) -> None:
 
 def _train_group(claimed: list[tuple[Config, Teacher | None, str]], jobs: list[Job], store: Store,
                  writer: CheckpointWriter, dataset: Dataset, quiet: bool, silent: bool,
-                 world: distributed.World | None) -> None:
+                 world: distributed.World | None, on_resume: Callable[[str, int], None] | None = None) -> None:
     """Make the group's jobs (appended to `jobs`: the caller closes their loggers) and train them."""
     device = resolve_device(claimed[0][0].device)
     if world is not None and device.type == "cuda":
@@ -182,6 +184,11 @@ def _train_group(claimed: list[tuple[Config, Teacher | None, str]], jobs: list[J
         store.set_info(run_id, device=device_name(device), versions_json=versions(),
                        **model_facts(job.s.student, input_size(cfg, dataset.train.images.shape[1:3]),
                                      warn=not silent))
+        if on_resume is not None:
+            on_resume(job.run_id, job.start_epoch)
+        elif job.start_epoch and not silent:
+            name = job.label if job.label != job.run_id else f"{job.cfg.model}@{job.cfg.width:g}/{job.cfg.method}"
+            echo(f"resuming {name} {job.run_id[:8]} at epoch {job.start_epoch} of {job.cfg.epochs}")
     engine = Engine(jobs, train_loader, test_loader, device, jobs[0].cfg.precision, world)
     try:
         _train_epochs(jobs, engine, train_loader, device, store, writer)

@@ -258,6 +258,7 @@ class GridProgress:
         self.finished = 0  # runs done or failed, as this process has seen them
         self._first: int | None = None  # finished when the grid started: not part of its pace
         self._current: list[int] = []  # numbers of the runs in training now
+        self._number = 0  # the number of the run started last
         self._t0 = time.perf_counter()
         self._area = live_area(sys.stderr) if live and sys.stderr.isatty() else None
         self._token = self._area.add(self.line, kind="grid") if self._area else None
@@ -278,9 +279,12 @@ class GridProgress:
             self._area.drop("run")  # lines of runs that ended without finishing (failed, interrupted)
 
     def started(self, run_id: str, label: str) -> None:
+        # Numbered across the whole grid: after every run seen finished and every run started before,
+        # also while runs this grid started on other processes are still training.
         self.claimed.add(run_id)
-        self._current.append(self.finished + len(self._current) + 1)
-        self.log(f"run {self._current[-1]} of {self.total}: {run_id[:8]} {label} ({self._times()})")
+        self._number = max(self._number, self.finished) + 1
+        self._current.append(self._number)
+        self.log(f"run {self._number} of {self.total}: {run_id[:8]} {label} ({self._times()})")
 
     def eta(self) -> float | None:
         done = self.finished - (self._first or 0)

@@ -164,12 +164,16 @@ def test_engine_settings_are_checked_and_not_part_of_a_runs_identity():
         assert build_config("fast", "resnet18", overrides=change).run_hash() == plain.run_hash()
 
 
-def test_grid_trains_all_runs_sharing_batches_together_on_a_gpu(monkeypatch, synthetic_dir):
-    from kdlab import grid
+def test_grid_trains_all_runs_sharing_batches_together_on_a_gpu(monkeypatch, synthetic_dir, tmp_path):
+    from kdlab.schedule.executors import inprocess
+    from kdlab.schedule.plan import GridSpec, plan
+    from kdlab.schedule.scheduler import groups
 
-    spec = grid.GridSpec(teachers=["resnet18", "vgg16"], students=["resnet18"], preset="smoke",
-                         dataset="synthetic", data_dir=str(synthetic_dir))
-    ready = [r for r in grid.plan(spec) if not r.depends_on]  # teachers and the student alone
-    assert len(grid._groups(ready)) == 3  # CPU: each alone
-    monkeypatch.setattr(grid, "resolve_device", lambda name: torch.device("cuda"))
-    assert [len(g) for g in grid._groups(ready)] == [3]  # GPU: one group, steps overlapping on streams
+    spec = GridSpec(teachers=["resnet18", "vgg16"], students=["resnet18"], preset="smoke",
+                    dataset="synthetic", data_dir=str(synthetic_dir))
+    ready = [r for r in plan(spec) if not r.depends_on]  # teachers and the student alone
+    assert not inprocess.InProcess(tmp_path, None, quiet=True, silent=True, device="cpu").together
+    assert len(groups(ready)) == 3  # CPU: each alone
+    monkeypatch.setattr(inprocess, "resolve_device", lambda name: torch.device("cuda"))
+    assert inprocess.InProcess(tmp_path, None, quiet=True, silent=True, device="cpu").together
+    assert [len(g) for g in groups(ready, together=True)] == [3]  # GPU: one group, steps overlapping on streams

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,7 +16,8 @@ import pytest
 import torch
 
 from kdlab.cli import main
-from kdlab.grid import GridSpec, plan, run_grid
+from kdlab.schedule.plan import GridSpec, plan
+from kdlab.schedule.scheduler import run_grid
 from kdlab.store import Store
 
 TINY_GRID = ["--preset", "smoke", "--dataset", "synthetic", "--epochs", "1", "--set", "train_limit=128",
@@ -98,8 +100,10 @@ def test_grid_runs_skips_and_resumes(tmp_path, synthetic_dir, capsys):
         c.execute("UPDATE runs SET status='running', owner=?, heartbeat=? WHERE run_id=?",
                   (f"{socket.gethostname()}:999999:dead", time.time(), victim.run_id))
     assert main(_grid_args(synthetic_dir, runs_dir)) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "1 trained" in out and "4 skipped" in out
+    # Said once: the run, its id and where it resumes (its checkpoint holds its one epoch).
+    assert err.count("resuming ") == 1 and f"resuming {victim.label} {victim.run_id[:8]} at epoch 1 of 1" in err
     assert store.get(victim.run_id).status == "done"
     code = main([*_grid_args(synthetic_dir, runs_dir), "--dry-run"])
     assert code == 0 and capsys.readouterr().out.count(" done ") == 5
@@ -116,6 +120,8 @@ def test_two_processes_never_run_the_same_run(tmp_path, synthetic_dir):
     started = [set(re.findall(r"^run \d+ of \d+: (\w+)", err, re.MULTILINE)) for _, err in outputs]
     assert not started[0] & started[1]  # no run was trained by both
     assert len(started[0] | started[1]) == 5
+    for (out, _), mine in zip(outputs, started, strict=True):  # each counts what it trained, and only that
+        assert f"{len(mine)} trained, {5 - len(mine)} skipped, 0 failed" in out
     store = Store(runs_dir)
     assert all(r.status == "done" and len(r.history) == 1 for r in store.runs())
 
@@ -164,8 +170,42 @@ def test_students_of_one_teacher_share_its_forward(tmp_path, tiny):
     assert alone[cfgs[1].run_hash()].history[0]["test_acc"] == records[cfgs[1].run_hash()].history[0]["test_acc"]
 
 
-def test_grid_workers_share_one_grid(tmp_path, synthetic_dir, capsys):
+def test_grid_workers_share_one_grid(tmp_path, synthetic_dir, capfd):
     runs_dir = tmp_path / "runs"
-    # Exit 0 also says the spawned worker exited 0 (it once got a malformed command line).
-    assert main([*_grid_args(synthetic_dir, runs_dir), "--workers", "2"]) == 0
+    # Runs long enough that the second worker, started with the first, takes its share.
+    longer = ["--epochs", "3", "--set", "train_limit=512"]
+    assert main([*_grid_args(synthetic_dir, runs_dir), *longer, "--workers", "2"]) == 0
     assert all(r.status == "done" for r in Store(runs_dir).runs()) and len(Store(runs_dir).runs()) == 5
+    out, err = capfd.readouterr()  # this process's and its workers' lines
+    # The grid's counts, not one worker's; each run numbered once, across the whole grid.
+    assert "5 trained, 0 skipped, 0 failed" in out
+    assert sorted(int(k) for k in re.findall(r"^run (\d+) of 5: ", err, re.MULTILINE)) == [1, 2, 3, 4, 5], err
+
+
+def _start_on_two_processes(rank: int, port: int, runs_dir: str, cfg) -> None:
+    from kdlab.loop import run
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    run(dataclasses.replace(cfg, processes=2), Store(runs_dir), silent=True)  # as torchrun's build_config makes it
+
+
+def test_a_start_that_fails_on_input_leaves_no_failed_run(tmp_path, synthetic_dir):
+    import torch.multiprocessing as mp
+
+    runs = plan(GridSpec(teachers=["resnet18"], students=["vgg16"], preset="smoke", dataset="synthetic",
+                         data_dir=str(synthetic_dir),
+                         overrides={"epochs": 1, "train_limit": 128, "test_limit": 64, "batch_size": 33}))
+    teacher, runs_dir = runs[0], tmp_path / "runs"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # torchrun on 2 processes with a batch of 33: refused (not a multiple of 2), and not the run's failure.
+    with pytest.raises(Exception, match="multiple of the number of processes"):
+        mp.spawn(_start_on_two_processes, args=(port, str(runs_dir), teacher.cfg), nprocs=2)
+    for run_id in (teacher.run_id, dataclasses.replace(teacher.cfg, processes=2).run_hash()):
+        rec = Store(runs_dir).get(run_id)
+        assert rec is None or rec.status == "pending"
+    # So a grid later trains that teacher and its students, in one process, where 33 is fine.
+    assert run_grid(runs, runs_dir, silent=True, log=lambda m: None)["trained"] == 3

@@ -1,11 +1,14 @@
-"""The grid on Ray: a local 2-CPU cluster gives the local grid's runs, survives a killed worker, and skips
-the students of a failed teacher; the store proxy keeps Store's interface."""
+"""The grid on Ray: a local 2-CPU cluster gives the local grid's runs, survives a killed worker (and says
+so), skips the students of a failed teacher, counts only what its own tasks trained, runs no more tasks
+at once than the node has CPUs, and gives up on an unreachable head node in one line; the store proxy
+has what the loop needs and nothing else."""
 
 from __future__ import annotations
 
 import inspect
 import os
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -14,10 +17,11 @@ import pytest
 import torch
 
 from kdlab.cli import main
-from kdlab.grid import GridSpec, plan
 from kdlab.loop import run_group
+from kdlab.schedule.executors.ray_store import WRITER_CALLS, RayStore, StoreWriter
+from kdlab.schedule.plan import GridSpec, plan
+from kdlab.schedule.scheduler import run_grid
 from kdlab.store import Store
-from kdlab.store_proxy import FORWARDED, StoreProxy, StoreWriter
 
 TINY_GRID = ["--preset", "smoke", "--dataset", "synthetic", "--epochs", "1", "--set", "train_limit=128",
              "--set", "test_limit=64", "--batch-size", "64", "--quiet"]
@@ -70,8 +74,6 @@ def test_ray_grid_gives_the_local_grids_plan_runs_and_accuracies(tmp_path, synth
 
 
 def test_a_killed_worker_is_retried_and_the_run_resumes_from_its_checkpoint(tmp_path, synthetic_dir, ray_cluster):
-    from kdlab.ray_grid import run_grid_ray
-
     teacher = plan(GridSpec(teachers=["resnet18"], students=["vgg16"], preset="smoke", dataset="synthetic",
                             data_dir=str(synthetic_dir),
                             overrides={"epochs": 12, "train_limit": 256, "test_limit": 64, "batch_size": 64}))[0]
@@ -97,10 +99,15 @@ def test_a_killed_worker_is_retried_and_the_run_resumes_from_its_checkpoint(tmp_
 
     killer = threading.Thread(target=kill_the_worker_after_epoch_2)
     killer.start()
-    counts = run_grid_ray([teacher], runs_dir, "auto", log=lambda m: None)
+    logs: list[str] = []
+    counts = run_grid([teacher], runs_dir, ray="auto", log=logs.append)
     killer.join()
     assert "pid" in seen and seen["at"] < 12  # it was killed mid-run
-    assert counts == {"trained": 1, "skipped": 0, "failed": 0}
+    assert counts == {"trained": 1, "skipped": 0, "failed": 0, "diverged": 0}
+    # Said by the grid, naming the run and where it resumes (at least the epoch the kill found).
+    retry = [line for line in logs if line.startswith(f"retrying {teacher.label} {teacher.run_id[:8]} ")]
+    assert len(retry) == 1 and int(retry[0].split("at epoch ")[1].split()[0]) >= 2, logs
+    assert retry[0].endswith(" of 12")
     with pytest.raises(ProcessLookupError):
         os.kill(seen["pid"], 0)
     store = Store(runs_dir, create=False)
@@ -113,8 +120,6 @@ def test_a_killed_worker_is_retried_and_the_run_resumes_from_its_checkpoint(tmp_
 
 
 def test_a_failed_teacher_leaves_its_students_not_run_with_the_reason(tmp_path, synthetic_dir, ray_cluster):
-    from kdlab.ray_grid import run_grid_ray
-
     runs = plan(GridSpec(teachers=["resnet18"], students=["vgg16"], preset="smoke", dataset="synthetic",
                          data_dir=str(synthetic_dir), overrides={"epochs": 1, "train_limit": 128, "test_limit": 64}))
     teacher, alone, distilled = runs
@@ -122,8 +127,8 @@ def test_a_failed_teacher_leaves_its_students_not_run_with_the_reason(tmp_path, 
     # A directory where the teacher's checkpoint goes: loading it fails (an OSError, retried once).
     (runs_dir / "checkpoints" / f"{teacher.run_id}.pt").mkdir(parents=True)
     logs: list[str] = []
-    counts = run_grid_ray(runs, runs_dir, "auto", retries=1, log=logs.append)
-    assert counts == {"trained": 1, "skipped": 0, "failed": 2}
+    counts = run_grid(runs, runs_dir, ray="auto", retries=1, log=logs.append)
+    assert counts == {"trained": 1, "skipped": 0, "failed": 2, "diverged": 0}
     store = Store(runs_dir, create=False)
     assert store.get(teacher.run_id).status == "failed" and "IsADirectoryError" in store.get(teacher.run_id).error
     assert store.get(alone.run_id).status == "done"
@@ -153,23 +158,99 @@ def test_without_ray_the_grid_says_how_to_install_it(tmp_path, monkeypatch, caps
     assert not (tmp_path / "runs").exists()
 
 
-def test_store_proxy_has_the_interface_of_store():
+def test_a_run_another_grid_trained_is_not_counted_as_ours(tmp_path, synthetic_dir, ray_cluster):
+    """Two grids on one runs dir: what the other one's process held and finished is skipped here."""
+    runs = plan(GridSpec(teachers=["resnet18"], students=["vgg16"], preset="smoke", dataset="synthetic",
+                         data_dir=str(synthetic_dir), overrides={"epochs": 1, "train_limit": 128, "test_limit": 64}))
+    teacher, alone = runs[0], runs[1]
+    runs_dir = tmp_path / "runs"
+    other = Store(runs_dir)
+    other.ensure(alone.run_id, alone.cfg.to_dict(), alone.label, alone.role)
+    owner = f"{socket.gethostname()}:{os.getpid()}:othergrid"  # a live process: its claim holds
+    assert other.claim(alone.run_id, owner) == "claimed"
+
+    def the_other_grid_finishes_it() -> None:
+        time.sleep(3)
+        other.finish(alone.run_id, {"final_acc": 50.0, "best_acc": 50.0, "best_epoch": 1, "wall_s": 1.0,
+                                    "timing": {}})
+
+    finisher = threading.Thread(target=the_other_grid_finishes_it)
+    finisher.start()
+    counts = run_grid([teacher, alone], runs_dir, ray="auto", log=lambda m: None)
+    finisher.join()
+    assert counts == {"trained": 1, "skipped": 1, "failed": 0, "diverged": 0}
+
+
+def test_no_more_tasks_at_once_than_the_node_has_cpus(tmp_path, synthetic_dir, ray_cluster):
+    models = ["resnet18", "vgg16", "densenet121"]
+    runs = [r for r in plan(GridSpec(teachers=models, students=models, preset="smoke", dataset="synthetic",
+                                     data_dir=str(synthetic_dir),
+                                     overrides={"epochs": 3, "train_limit": 256, "test_limit": 64}))
+            if not r.depends_on]  # six runs that need no other
+    runs_dir = tmp_path / "runs"
+    most, stop = [0], threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.02):
+            if (runs_dir / "kdlab.db").exists():
+                with sqlite3.connect(f"file:{runs_dir / 'kdlab.db'}?mode=ro", uri=True) as c:
+                    owners = {o.split(":")[1] for (o,) in c.execute("SELECT owner FROM runs WHERE status='running'")}
+                most[0] = max(most[0], len(owners))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        counts = run_grid(runs, runs_dir, ray="auto", log=lambda m: None)
+    finally:
+        stop.set()
+        watcher.join()
+    assert counts["trained"] == 6 and 1 <= most[0] <= 2  # processes training at once, on 2 CPUs
+
+
+def test_an_unreachable_head_node_times_out_in_one_line(tmp_path, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # whatever an earlier test left running
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init on an address that never answered"))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    code = main([*GRID, "--runs-dir", str(tmp_path / "runs"), "--ray", f"127.0.0.1:{port}", "--ray-timeout", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and time.monotonic() - t0 < 30
+    assert f"no Ray cluster answered at 127.0.0.1:{port} within 1 s" in err and "--ray-timeout" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_gpus_per_run_without_ray_is_refused(tmp_path, capsys):
+    assert main([*GRID, "--runs-dir", str(tmp_path / "runs"), "--gpus-per-run", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpus-per-run" in err and "--ray" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_store_proxy_has_what_the_loop_needs_and_fails_on_anything_else(tmp_path):
     def public(cls: type) -> set[str]:
         return {n for n, v in inspect.getmembers(cls, inspect.isfunction) if not n.startswith("_")}
 
-    assert public(StoreProxy) == public(Store)
-    # What is not forwarded to the writer runs where the proxy is: the checkpoint files. A new
-    # database method on Store must be added to FORWARDED (or it would fail on a remote node).
-    local = public(Store) - set(FORWARDED) - {"reopen", "close", "transaction"}
-    assert local == {"checkpoint_path", "save_checkpoint", "load_checkpoint", "save_snapshot"}
-    assert all(getattr(StoreProxy, n) is not getattr(Store, n) for n in FORWARDED)
+    checkpoints = {"checkpoint_path", "save_checkpoint", "load_checkpoint", "save_snapshot"}
+    assert public(RayStore) == {*WRITER_CALLS, *checkpoints, "reopen", "close", "note"}
+    assert public(RayStore) - {"note"} <= public(Store)
+    proxy = RayStore(tmp_path, StoreWriter(tmp_path))
+    assert proxy.is_writer
+    for name in ("transaction", "runs", "import_run", "hearbeat"):
+        with pytest.raises(AttributeError):
+            getattr(proxy, name)
+    with pytest.raises(AttributeError):
+        proxy.anything = 1
 
 
 def test_the_loop_trains_through_the_proxy_and_a_retry_takes_over_its_claim(tmp_path, tiny):
     from kdlab.configure import build_config
 
     writer = StoreWriter(tmp_path)
-    proxy = StoreProxy(tmp_path, writer.call)
+    proxy = RayStore(tmp_path, writer)
     cfg = build_config("smoke", "resnet18", overrides={**tiny, "epochs": 1})
     record = run_group([(cfg, None, "t")], proxy)[cfg.run_hash()]
     assert record.status == "done" and record.checkpoint == str(tmp_path / "checkpoints" / f"{cfg.run_hash()}.pt")
@@ -180,6 +261,8 @@ def test_the_loop_trains_through_the_proxy_and_a_retry_takes_over_its_claim(tmp_
     assert proxy.claim(other.run_hash(), "deadnode:123:aaaa") == "claimed"
     assert Store(tmp_path).claim(other.run_hash(), "elsewhere:1:bbbb") == "busy"
     assert proxy.claim(other.run_hash(), "newnode:456:cccc") == "claimed"
+    assert [(e.run_id, e.retry) for e in writer.events() if e.kind == "claimed"][-2:] == [
+        (other.run_hash(), False), (other.run_hash(), True)]
     with pytest.raises(AttributeError):
         writer.call("transaction")
     writer.release_all()

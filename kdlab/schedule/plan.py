@@ -1,17 +1,13 @@
-"""The study as a grid: teachers, students alone, and every student distilled from every teacher.
+"""The study as a grid of runs: teachers, students alone, and every student distilled from every teacher.
 
 `plan()` lists the runs (teachers first, since distilled runs need them) with their configs and
 ids, all known before anything trains: a distilled run's config names its teacher by the teacher
-run's id, which is the hash of the teacher's config. `run_grid()` runs what is not finished,
-resumes what was interrupted and skips what is done. Several processes may run the same grid on
-one runs directory: each run is claimed in a database transaction, so none runs twice.
+run's id, which is the hash of the teacher's config. Running them is the scheduler's business
+(`kdlab.schedule.scheduler`).
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +17,10 @@ from kdlab.config import PRESET_WIDTHS, Config, load_yaml
 from kdlab.configure import bind_dataset, build_config
 from kdlab.data import identity_for
 from kdlab.data.residency import input_size
-from kdlab.device import resolve_device
 from kdlab.errors import UserError, warn
-from kdlab.loop import loader_key, prepare_teacher, run_group
 from kdlab.models import check_model_name, display_name, input_size_note, list_models
-from kdlab.progress import GridProgress, live_session
 
 PAPER_MODELS = ("vgg16", "resnet18", "densenet121")
-POLL_S = 5.0
 
 
 @dataclass
@@ -254,165 +246,3 @@ def states(runs: list[PlannedRun], store: Any | None) -> list[str]:
         rec = store.get(r.run_id) if store is not None else None
         out.append("new" if rec is None else rec.status)
     return out
-
-
-def log_finished_runs(runs: list[PlannedRun], runs_dir: str | Path) -> None:
-    """Runs the grid finished before, asked for again with a logger that lacks them (``--mlflow``):
-    logged from their stored records, once, by the process that starts the grid (`log_finished`)."""
-    from kdlab.loggers import LOGGERS
-    from kdlab.loggers.base import log_finished
-    from kdlab.store import DB_NAME, Store
-
-    wanted = [r for r in runs if any(cls.wanted(r.cfg) for cls in LOGGERS.values())]
-    if not wanted or not (Path(runs_dir) / DB_NAME).exists():
-        return
-    store = Store(runs_dir, readonly=True)
-    try:
-        for r in wanted:
-            rec = store.get(r.run_id)
-            if rec is not None and rec.status == "done":
-                log_finished(r.cfg, rec, r.label, Path(runs_dir))
-    finally:
-        store.close()
-
-
-def run_grid(runs: list[PlannedRun], runs_dir: str | Path, *, quiet: bool = True, silent: bool = False,
-             log: Any = print, dataset: Any = None) -> dict[str, int]:
-    """Run every planned run not yet done; returns counts of what happened.
-
-    The students of one teacher train side by side (one group, one loader, one teacher forward
-    per batch for all of them). Runs whose teacher another process is still training wait for
-    it; a run another live process holds is left to it. Failed runs are not retried. Only what
-    this process trained counts as trained; a run another process finished counts as skipped.
-    """
-    from kdlab.data import dataset_for
-    from kdlab.data.checks import check_unchanged
-    from kdlab.store import Store
-
-    if not runs:
-        return {}
-    dataset = dataset or dataset_for(runs[0].cfg)
-    check_unchanged(dataset, runs[0].cfg)
-    store = Store(runs_dir)
-    teachers: dict[str, Any] = {}
-    counts = {"trained": 0, "skipped": 0, "failed": 0, "diverged": 0}
-    # The plan goes into the store first, with each run's role: the report then knows what was
-    # planned (and not trained yet) and what each run is for.
-    for r in runs:
-        store.ensure(r.run_id, r.cfg.to_dict(), r.label, r.role)
-    pending = list(runs)
-    with live_session(), GridProgress(len(runs), log, live=not quiet and not silent) as bar:
-        try:
-            while pending:
-                ready, waiting, progressed = _sort_pending(pending, store, counts, log)
-                bar.update(counts)
-                for group in _groups(ready):
-                    specs = [(r.cfg, _teacher(r, store, teachers), r.label) for r in group]
-                    records = run_group(specs, store, dataset=dataset, quiet=quiet, silent=silent,
-                                        on_claim=bar.started)
-                    progressed |= _count(group, records, bar.claimed, counts, waiting, log)
-                    bar.update(counts)
-                pending = waiting
-                if pending and not progressed:
-                    time.sleep(POLL_S)  # another process holds what is left; wait for it
-        finally:
-            store.close()
-    return counts
-
-
-def _count(group: list[PlannedRun], records: dict[str, Any], claimed: set[str], counts: dict[str, int],
-           waiting: list[PlannedRun], log: Any) -> bool:
-    """Count a group's outcome (what another process finished is skipped, not trained); True if any ended."""
-    progressed = False
-    for r in group:
-        rec = records[r.run_id]
-        if rec is None:
-            waiting.append(r)  # another live process has it
-            continue
-        progressed = True
-        if r.run_id not in claimed:
-            counts["skipped" if rec.status == "done" else "failed"] += 1
-            continue
-        counts["trained" if rec.status == "done" else "failed"] += 1
-        if rec.status == "failed":
-            log(f"failed {r.label}: {rec.error}")
-        elif rec.diverged:
-            counts["diverged"] += 1
-            log(f"{rec.health} ({r.label}, run {r.run_id[:8]})")
-    return progressed
-
-
-def _sort_pending(pending: list[PlannedRun], store: Any, counts: dict[str, int],
-                  log: Any) -> tuple[list[PlannedRun], list[PlannedRun], bool]:
-    """Split pending runs into ready ones and ones that wait for their teacher; count the finished."""
-    ready, waiting, progressed = [], [], False
-    for r in pending:
-        rec = store.get(r.run_id)
-        if rec is not None and rec.status in ("done", "failed"):
-            counts["skipped" if rec.status == "done" else "failed"] += 1
-            progressed = True
-            continue
-        dep = store.get(r.depends_on) if r.depends_on else None
-        if r.depends_on and (dep is None or dep.status != "done"):
-            if dep is not None and dep.status == "failed":
-                log(f"skip {r.label}: its teacher run {r.depends_on} failed")
-                counts["failed"] += 1
-                progressed = True
-            else:
-                waiting.append(r)
-            continue
-        ready.append(r)
-    return ready, waiting, progressed
-
-
-def _groups(ready: list[PlannedRun]) -> list[list[PlannedRun]]:
-    """Which ready runs train together. On a GPU: every run that sees the same batches, whatever its
-    teacher, so that their steps overlap on the card (one process keeps it busy). On a CPU, where
-    runs side by side only take turns: the students of one teacher together (they share its
-    forward), others alone, so that several processes on one grid share the work."""
-    groups: dict[Any, list[PlannedRun]] = {}
-    for r in ready:
-        if resolve_device(r.cfg.device).type == "cuda":
-            key: Any = loader_key(r.cfg)
-        else:
-            key = (loader_key(r.cfg), r.depends_on) if r.depends_on else r.run_id
-        groups.setdefault(key, []).append(r)
-    return list(groups.values())
-
-
-def _teacher(r: PlannedRun, store: Any, cache: dict[str, Any]) -> Any:
-    """The run's teacher, loaded once per grid from its checkpoint and moved to the run's device.
-
-    Only `store`'s methods are used (no second connection to the database), so that a Ray task
-    can pass its store proxy."""
-    from kdlab.api import load_teacher
-
-    if not r.depends_on:
-        return None
-    r.cfg.teacher_path = store.get(r.depends_on).checkpoint
-    if r.cfg.teacher_path is None:
-        raise UserError(f"teacher run {r.depends_on} has no checkpoint in {store.root}: train it again")
-    if r.depends_on not in cache:
-        cache[r.depends_on] = prepare_teacher(load_teacher(r.cfg.teacher_path, store.root).model, r.cfg,
-                                              r.depends_on)
-    return cache[r.depends_on]
-
-
-def run_with_workers(runs: list[PlannedRun], runs_dir: str | Path, workers: int, worker_args: list[str], *,
-                     quiet: bool = True, silent: bool = False, log: Any = print) -> tuple[dict[str, int], int]:
-    """Run the grid in this process and `workers - 1` more `kdlab grid` processes (started with
-    `worker_args`) on the same runs directory; returns this process's counts and how many
-    workers failed. They share the work through the store's claims: on a CPU each uses a core,
-    on a GPU several small models train at once (one process leaves the GPU mostly idle)."""
-    from kdlab.data import dataset_for
-
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
-    if not runs:
-        return {}, 0
-    # Load (or download, or generate) the data once, before the workers start, so they never race for it.
-    dataset = dataset_for(runs[0].cfg)
-    command = [sys.executable, "-m", "kdlab.cli", "grid", *worker_args, "--workers", "1", "--quiet"]
-    spawned = [subprocess.Popen(command, stdout=subprocess.DEVNULL) for _ in range(workers - 1)]
-    counts = run_grid(runs, runs_dir, quiet=quiet, silent=silent, log=log, dataset=dataset)
-    return counts, sum(p.wait() != 0 for p in spawned)
