@@ -179,7 +179,7 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
         _keep_compile_caches(store.root)
     writer = CheckpointWriter(store)
     try:
-        writes = getattr(store, "is_writer", True)  # in a run on several processes, rank 0 keeps the claim
+        writes = store.is_writer  # in a run on several processes, rank 0 keeps the claim
         with Heartbeat(store, [j.run_id for j in jobs], owner) if writes else nullcontext():
             dataset = dataset or dataset_for(jobs[0].cfg)
             _train_group(jobs, store, writer, dataset, quiet, silent, world)
@@ -334,7 +334,7 @@ def _end_epoch(job: Job, engine: Engine, store: Store, writer: CheckpointWriter,
     done = epoch + 1
     snapshot = done if done in job.cfg.snapshots else None
     due = done % job.cfg.checkpoint_every == 0 or done == job.cfg.epochs or snapshot is not None
-    if due and getattr(store, "is_writer", True):  # in a run on several processes, rank 0 writes them
+    if due and store.is_writer:  # in a run on several processes, rank 0 writes them
         state = _checkpoint_state(job, done, job.elapsed + wall, _teacher_share(job, engine))
         writer.submit(job.run_id, state, snapshot)
     job.elapsed += wall + time.perf_counter() - t0

@@ -271,7 +271,7 @@ def test_in_process_module_source_copies_the_module():
 
 
 def test_an_older_store_gains_the_flops_column(tmp_path, monkeypatch):
-    import kdlab.store as store_module
+    import kdlab.store.database as store_module
     from kdlab.store import Store
 
     with monkeypatch.context() as m:  # a store as written before FLOPs were recorded (schema 2)
