@@ -32,7 +32,7 @@ from kdlab.errors import UserError
 from kdlab.store import RunRecord, Store
 
 if TYPE_CHECKING:
-    from kdlab.report import Report
+    from kdlab.reporting import Report
 
 
 @dataclass
@@ -163,7 +163,7 @@ def _open(runs_dirs: Sequence[str | Path]) -> list[Store]:
 
 
 class CombinedRuns:
-    """Several stores read as one by `kdlab.report.build_report` (which calls `runs()`)."""
+    """Several stores read as one by `kdlab.reporting.build_report` (which calls `runs()`)."""
 
     def __init__(self, combined: Combined):
         self.combined = combined
@@ -184,7 +184,7 @@ class CombinedRuns:
 
 def report_over(runs_dirs: Sequence[str | Path], dataset: str | None = None, preset: str | None = None) -> Report:
     """The report of one runs dir, or of several combined (with notes on conflicts and unmatched runs)."""
-    from kdlab.report import build_report
+    from kdlab.reporting import build_report
 
     stores = _open(runs_dirs)
     try:

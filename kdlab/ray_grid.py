@@ -1,4 +1,4 @@
-"""The grid on a Ray cluster: the same runs as `kdlab.grid.run_grid`, placed by Ray.
+"""The grid on a Ray cluster: the same runs as `kdlab.grid_runs.run_grid`, placed by Ray.
 
 The students of one teacher train together in one Ray task (they share its forward per batch);
 every other run is a task of its own. Ray does the rest, with its own features, not a scheduler
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.errors import UserError
-from kdlab.grid import POLL_S, PlannedRun, _teacher
+from kdlab.grid_runs import POLL_S, PlannedRun, _teacher
 from kdlab.loop import loader_key
 from kdlab.store import Store
 from kdlab.store_proxy import StoreProxy, StoreWriter

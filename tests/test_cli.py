@@ -12,7 +12,7 @@ import torch
 
 import kdlab
 from kdlab.cli import main
-from kdlab.grid import GridSpec, plan, run_grid
+from kdlab.grid_runs import GridSpec, plan, run_grid
 from kdlab.store import Store
 
 SMALL = {"epochs": 1, "train_limit": 128, "test_limit": 64, "batch_size": 64}
@@ -77,7 +77,7 @@ def test_grid_takes_the_widths_of_your_study(synthetic_dir, tmp_path, capsys):
 
 
 def test_grid_counts_what_this_process_trained(tmp_path, synthetic_dir, monkeypatch):
-    from kdlab import grid
+    from kdlab import grid_runs as grid
 
     runs = plan(_spec(synthetic_dir))
     real = grid.run_group

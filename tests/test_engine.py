@@ -165,7 +165,7 @@ def test_engine_settings_are_checked_and_not_part_of_a_runs_identity():
 
 
 def test_grid_trains_all_runs_sharing_batches_together_on_a_gpu(monkeypatch, synthetic_dir):
-    from kdlab import grid
+    from kdlab import grid_runs as grid
 
     spec = grid.GridSpec(teachers=["resnet18", "vgg16"], students=["resnet18"], preset="smoke",
                          dataset="synthetic", data_dir=str(synthetic_dir))

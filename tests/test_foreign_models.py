@@ -46,7 +46,7 @@ def test_timm_and_torchvision_as_teacher_and_student(tmp_path, tiny):
         assert student.history[-1]["terms"].keys() == {"ce", "kd"} and student.timing["teacher_s"] > 0
     # The report's Table 1 gives each model's FLOPs at the data's image size.
     from kdlab.models.profile import format_flops
-    from kdlab.report import build_report, render
+    from kdlab.reporting import build_report, render
     from kdlab.store import Store
 
     store = Store(tmp_path, create=False)

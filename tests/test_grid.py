@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kdlab.cli import main
-from kdlab.grid import GridSpec, plan, run_grid
+from kdlab.grid_runs import GridSpec, plan, run_grid
 from kdlab.store import Store
 
 TINY_GRID = ["--preset", "smoke", "--dataset", "synthetic", "--epochs", "1", "--set", "train_limit=128",

@@ -97,7 +97,7 @@ def test_mlflow_on_a_finished_run_logs_its_stored_record(tmp_path, tiny, monkeyp
     # Asked again: said, not logged twice. The grid does the same for the runs it finds finished.
     assert main(args) == 0
     assert "is in mlflow already (MLflow run" in capsys.readouterr().err
-    from kdlab.grid import PlannedRun, log_finished_runs
+    from kdlab.grid_runs import PlannedRun, log_finished_runs
 
     cfg = Config(**{**rec.config, "mlflow": str(store)})
     log_finished_runs([PlannedRun("teacher", cfg, label="resnet18 s0")], tmp_path)

@@ -51,7 +51,7 @@ def test_terminal_line_moves_without_the_loop():
 def test_grid_shows_run_k_of_n_with_its_eta(tmp_path, synthetic_dir, monkeypatch):
     import sys
 
-    from kdlab.grid import GridSpec, plan, run_grid
+    from kdlab.grid_runs import GridSpec, plan, run_grid
 
     runs = plan(GridSpec(teachers=["resnet18"], students=["vgg16"], preset="smoke", dataset="synthetic",
                          data_dir=str(synthetic_dir),

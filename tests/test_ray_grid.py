@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kdlab.cli import main
-from kdlab.grid import GridSpec, plan
+from kdlab.grid_runs import GridSpec, plan
 from kdlab.loop import run_group
 from kdlab.store import Store
 from kdlab.store_proxy import FORWARDED, StoreProxy, StoreWriter
@@ -44,7 +44,7 @@ def _results(runs_dir) -> dict:
 
 
 def test_ray_grid_gives_the_local_grids_plan_runs_and_accuracies(tmp_path, synthetic_dir, ray_cluster, capsys):
-    from kdlab.report import build_report
+    from kdlab.reporting import build_report
 
     def grid(runs_dir: str, *extra: str) -> int:
         return main([*GRID, "--data-dir", str(synthetic_dir), "--runs-dir", str(tmp_path / runs_dir), *extra])
