@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,7 @@ def latency(target: str | Path, *, batches: Sequence[int] = (1, 64), threads: Se
     1 and every core); `runtimes`: onnxruntime and/or torch (default: what suits the model)."""
     import os
 
-    from kdlab.deploy.latency import measure_file, measure_run
+    from kdlab.deploy.latency import measure_file
 
     if not seconds > 0:
         raise UserError(f"--seconds must be > 0, got {seconds}")
@@ -125,3 +126,42 @@ def latency(target: str | Path, *, batches: Sequence[int] = (1, 64), threads: Se
         return Latency(*measure_run(store, str(target), list(batches), counts, runtimes, seconds, data_dir=data_dir))
     finally:
         store.close()
+
+
+def measure_run(store: Store, spec: str, batches: list[int], threads: list[int], runtimes: set[str] | None,
+                seconds: float, data_dir: str | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """`kdlab latency RUN`: an ONNX run in ONNX Runtime; a trained run in PyTorch and in ONNX Runtime through
+    its fp32 export. Each figure is kept where the module's docstring says. Returns (what, measurements)."""
+    from kdlab.data.residency import input_size
+    from kdlab.deploy.export import export_run
+    from kdlab.deploy.files import model_file
+    from kdlab.deploy.latency import RUNTIMES, check_onnx_only, onnx_latency, torch_latency
+    from kdlab.deploy.runs import artifact_dir, finished_run, fp32_export, load_run_model, save_latency
+    from kdlab.deploy.runtime import dataset_of
+
+    record = finished_run(store, spec)
+    what = f"run {record.run_id} ({record.label or record.config['model']})"
+    if "deploy" in record.config:
+        source = record.config["deploy"]["source"]
+        check_onnx_only(runtimes, f"run {record.run_id}", f"the trained run it came from, {source}")
+        entries = onnx_latency(model_file(store, record), batches, threads, seconds)
+        save_latency(artifact_dir(store.root, record.run_id), entries)
+        return what, entries
+    runtimes = runtimes or set(RUNTIMES)
+    entries = []
+    if "torch" in runtimes:
+        images = dataset_of(record.config, data_dir).test.images
+        shape = (images.shape[3], *input_size(record.config, images.shape[1:3]))
+        mine = torch_latency(load_run_model(record, store.root), shape, batches, threads, seconds)
+        save_latency(artifact_dir(store.root, record.run_id), mine)
+        entries += mine
+    if "onnxruntime" in runtimes:
+        export = fp32_export(store.runs(), record.run_id)
+        if export is None:
+            export = export_run(store, record, data_dir=data_dir)
+            print(f"kdlab latency: run {export.run_id} is the ONNX export of run {record.run_id}, made to time it",
+                  file=sys.stderr)
+        theirs = onnx_latency(model_file(store, export), batches, threads, seconds)
+        save_latency(artifact_dir(store.root, export.run_id), theirs)
+        entries += theirs
+    return what, entries
