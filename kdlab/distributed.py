@@ -96,18 +96,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-class LeaderStore:
-    """The runs store on rank 0 (the writer role of kdlab.store.protocol): the real one, whose claims
-    every rank is told. Each method is the store's own, named here."""
-
-    is_writer = True
+class _RankStore:
+    """What both roles of a run on several processes do alike: read the one store."""
 
     def __init__(self, store: RunsWriter):
         self._store = store
         self.root = store.root
-
-    def claim(self, run_id: str, owner: str) -> str:
-        return broadcast(self._store.claim(run_id, owner))
 
     def get(self, run_id: str) -> RunRecord | None:
         return self._store.get(run_id)
@@ -126,6 +120,16 @@ class LeaderStore:
 
     def close(self) -> None:
         self._store.close()
+
+
+class LeaderStore(_RankStore):
+    """The runs store on rank 0 (the writer role of kdlab.store.protocol): the real one, whose claims
+    every rank is told. Each method is the store's own, named here."""
+
+    is_writer = True
+
+    def claim(self, run_id: str, owner: str) -> str:
+        return broadcast(self._store.claim(run_id, owner))
 
     def reopen(self) -> RunsWriter:
         return self._store.reopen()  # the heartbeat's own connection: plain, it claims nothing
@@ -161,7 +165,7 @@ class LeaderStore:
         self._store.save_snapshot(run_id, epoch)
 
 
-class FollowerStore(LeaderStore):
+class FollowerStore(_RankStore):
     """The runs store as ranks other than 0 see it (the follower role of kdlab.store.protocol): they
     read what rank 0 writes, and write nothing. Claims are rank 0's, told to every rank; each
     writing method is declared here and does nothing (rank 0 does it)."""
