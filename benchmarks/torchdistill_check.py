@@ -108,7 +108,7 @@ def recipe(args: argparse.Namespace, role: str = "student") -> tuple[Config, dic
     """The resolved kdlab Config of the student (or teacher) run, the overrides it came from (what kdlab's
     API is given) and the teacher and student widths. The torchdistill side reads its recipe from the Config."""
     from kdlab.api import resolve_config
-    from kdlab.cli import _pairs
+    from kdlab.commands.options import pairs as _pairs
     from kdlab.config import PRESET_WIDTHS
 
     widths = [float(w) for w in args.widths.split(",")] if args.widths else list(PRESET_WIDTHS[args.preset])

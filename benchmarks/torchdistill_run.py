@@ -25,11 +25,11 @@ from torchdistill.common.main_util import import_dependencies, load_ckpt, save_c
 from torchdistill.core.distillation import get_distillation_box
 from torchdistill.models.registry import get_model
 
-from kdlab.api import load_teacher
 from kdlab.config import Config
 from kdlab.data import load_dataset
 from kdlab.data.loader import channel_stats
 from kdlab.device import resolve_device
+from kdlab.teacher_lookup import load_teacher
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "torchdistill_kd.yaml"

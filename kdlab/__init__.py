@@ -1,8 +1,9 @@
 """kdlab: knowledge distillation for image classifiers.
 
-The Python API mirrors the CLI: `kdlab.train` and `kdlab.distill` here, the study in
-`kdlab.grid` (plan, run_grid) and `kdlab.report` (report, build_report, render).
-Names are imported on first use, so `import kdlab.models` stays light.
+The Python API mirrors the CLI (kdlab.api): `kdlab.train` and `kdlab.distill` (one run),
+`kdlab.grid` (the study), `kdlab.report` (its tables), and `kdlab.export`,
+`kdlab.compress`, `kdlab.latency` (deployment). Names are imported on first use, so
+`import kdlab.models` stays light.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "train": "kdlab.api", "distill": "kdlab.api", "kd_loss": "kdlab.losses", "RunRecord": "kdlab.store",
-    "UserError": "kdlab.errors",
+    **{name: "kdlab.api" for name in ("train", "distill", "grid", "report", "export", "compress",
+                                      "latency")},
+    "kd_loss": "kdlab.losses", "RunRecord": "kdlab.store", "UserError": "kdlab.errors",
 }
 
 __all__ = [*_API, "__version__"]

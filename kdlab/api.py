@@ -1,43 +1,40 @@
-"""The Python API: everything the CLI does, callable from a notebook.
+"""The Python API: everything the CLI does, callable from a notebook; the CLI is a thin layer over it.
 
     import kdlab
     teacher = kdlab.train("resnet18", preset="smoke", dataset="synthetic")
     student = kdlab.distill(teacher.run_id, "resnet18", preset="smoke", dataset="synthetic")
-    print(student.final_acc)
+    study = kdlab.grid(["resnet18"], ["vgg16"], preset="smoke", dataset="synthetic")
+    print(kdlab.report().text())
+
+`train` and `distill` run one run, `grid` a study, `report` reads runs dirs into the paper's tables,
+`merge` combines runs dirs, and `export`, `compress`, `latency` (kdlab.deploy.api) deploy a run.
+Nothing inside kdlab imports this module: it sits on top of the layers it calls.
 """
 
 from __future__ import annotations
 
-import copy
-import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch
 from torch import nn
 
-from kdlab.checkpoints import CHECKPOINT_FORMAT
-from kdlab.config import PRESET_WIDTHS, Config, load_yaml
-from kdlab.configure import bind_dataset, build_config
-from kdlab.data import DataIdentity, Dataset, dataset_for
+from kdlab.config import PRESET_WIDTHS
+from kdlab.data import DataIdentity, Dataset
 from kdlab.data.arrays import array_identity, as_dataset
-from kdlab.data.checks import check_teacher_data, check_unchanged
-from kdlab.data.residency import input_size
-from kdlab.errors import UserError, warn
-from kdlab.loggers.base import log_finished
-from kdlab.loop import prepare_teacher
-from kdlab.loop import run as run_training
-from kdlab.models import create_model, input_size_note
-from kdlab.models.module_source import as_model, module_name, register_module
-from kdlab.models.weights import file_identity, load_state, plain_state, read_checkpoint
-from kdlab.preflight import preflight
-from kdlab.progress import live_session
-from kdlab.store import DB_NAME, RunRecord, Store, check_checkpoint
+from kdlab.data.checks import check_teacher_data
+from kdlab.deploy.api import compress, export, latency
+from kdlab.errors import UserError
+from kdlab.models.module_source import register_module
+from kdlab.store import RunRecord, default_runs_dir, runs_dir_or_default
+from kdlab.study import GridResult, StudyReport, demo, grid, merge, report
+from kdlab.teacher_lookup import FoundTeacher, load_teacher
+from kdlab.training import execute, resolve_config
 
-
-def default_runs_dir() -> Path:
-    """$KDLAB_RUNS_DIR if set, else ./runs."""
-    return Path(os.environ.get("KDLAB_RUNS_DIR", "runs"))
+__all__ = [
+    "FoundTeacher", "GridResult", "StudyReport", "as_model_name", "compress", "default_runs_dir", "default_width",
+    "demo", "distill", "execute", "export", "grid", "latency", "load_teacher", "merge", "report", "resolve_config",
+    "train",
+]
 
 
 def train(model: str | nn.Module = "resnet18", *, data: Any = None, preset: str = "paper",
@@ -79,7 +76,7 @@ def distill(teacher: str | Path | nn.Module | None, student: str | nn.Module = "
     dataset, identity = _use_data(data, overrides)
     if overrides.get("width") is None:
         overrides["width"] = default_width(student, _preset(preset), teacher=False)
-    runs = Path(runs_dir) if runs_dir else default_runs_dir()
+    runs = runs_dir_or_default(runs_dir)
     if teacher is None:
         # check_config says so in one line if this method needs a teacher after all.
         cfg = resolve_config(preset, student, config, {**overrides, "method": method}, identity)
@@ -127,123 +124,3 @@ def _preset(preset: str) -> str:
     if preset not in PRESET_WIDTHS:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESET_WIDTHS)}")
     return preset
-
-
-def resolve_config(preset: str, model: str, config: str | Path | None, overrides: dict[str, Any],
-                   identity: DataIdentity | None = None) -> Config:
-    """Preset, then the YAML file, then explicit overrides (None values mean 'not given'); then the
-    dataset is identified by its content (`bind_dataset`; `identity` when already known), which the
-    run's id covers."""
-    file_values = load_yaml(config) if config else {}
-    cfg = build_config(preset, model, file_values, {k: v for k, v in overrides.items() if v is not None})
-    return bind_dataset(cfg, identity)
-
-
-def execute(cfg: Config, runs_dir: str | Path | None, *, teacher_model: nn.Module | None = None,
-            dataset: Dataset | None = None, quiet: bool = True, silent: bool = False,
-            label: str | None = None) -> RunRecord:
-    """Run a resolved config against a runs directory; a finished run returns at once."""
-    runs = Path(runs_dir) if runs_dir else default_runs_dir()
-    if (runs / DB_NAME).exists():
-        existing = Store(runs, readonly=True)
-        done = existing.get(cfg.run_hash())
-        existing.close()
-        if done is not None and done.status == "done":
-            log_finished(cfg, done, label, runs)  # e.g. --mlflow on a run finished before: its stored record
-            return done
-    # Load the data and check the models before touching the database: a bad data dir, a teacher for
-    # other classes or a model without the features its method needs must leave it unchanged.
-    if dataset is None:
-        dataset = dataset_for(cfg)
-    check_unchanged(dataset, cfg)
-    note = input_size_note(cfg.model, input_size(cfg, dataset.train.images.shape[1:3]))
-    if note:
-        warn(note)
-    preflight(cfg, dataset, teacher_model)
-    store = Store(runs)
-    teacher = prepare_teacher(teacher_model, cfg, cfg.teacher) if teacher_model is not None else None
-    try:
-        with live_session():
-            record = run_training(cfg, store, teacher=teacher, dataset=dataset, quiet=quiet, silent=silent,
-                                  label=label)
-    finally:
-        store.close()
-    return record
-
-
-class FoundTeacher(NamedTuple):
-    """A teacher as found by `load_teacher`."""
-
-    model: nn.Module  # weights loaded, on the CPU
-    identity: str  # what the student's config names it by: a run id, RUN@EPOCH, 'file:<sha256 prefix>' or a module's
-    path: Path | None  # where its weights are (None for a module)
-    config: dict[str, Any] | None  # the config it was trained with (None for a state dict or a module)
-
-
-def load_teacher(spec: str | Path | nn.Module, runs_dir: Path, model_name: str | None = None,
-                 width: float | None = None, model_args: dict[str, Any] | None = None,
-                 trust: bool = False) -> FoundTeacher:
-    """Find a teacher: a finished run's id (or id prefix), RUN@EPOCH (a snapshot), a checkpoint file,
-    or a module (identified as 'module:<name>.<digest>' of its structure and weights)."""
-    if isinstance(spec, nn.Module):  # a copy: the run freezes and moves its teacher, not the caller's module
-        name = module_name(spec)
-        return FoundTeacher(as_model(copy.deepcopy(spec), name, getattr(spec, "num_classes", None)), name, None, None)
-    path = Path(spec)
-    if path.is_file():
-        return _teacher_from_file(path, model_name, width, model_args, trust)
-    run_part, _, epoch_part = str(spec).partition("@")
-    if epoch_part and not epoch_part.isdigit():
-        raise UserError(f"teacher {spec!r}: after '@' comes an epoch number (RUN@EPOCH, an early-stopped teacher)")
-    if not (runs_dir / DB_NAME).exists():
-        raise UserError(f"teacher {spec!r} is neither a checkpoint file nor a run (no runs database in {runs_dir})")
-    store = Store(runs_dir, readonly=True)
-    record = store.find(run_part)
-    store.close()
-    if record is None:
-        raise UserError(f"teacher {spec!r} is neither a checkpoint file nor a run in {runs_dir}")
-    if epoch_part:
-        # ESKD: a snapshot taken before the teacher finished (kept with --set snapshots=[E]).
-        snapshot = store.checkpoint_path(record.run_id, int(epoch_part))
-        if not snapshot.exists():
-            raise UserError(f"run {record.run_id} kept no snapshot after epoch {epoch_part}: train the teacher "
-                            f"with --set snapshots=[{epoch_part}]")
-        found = _teacher_from_file(snapshot, model_name, width)
-        return found._replace(identity=f"{record.run_id}@{epoch_part}", config=record.config)
-    if record.status != "done" or record.checkpoint is None:
-        raise UserError(f"teacher run {record.run_id} is not finished (status {record.status}): train it first")
-    return _teacher_from_file(Path(record.checkpoint), model_name, width)._replace(identity=record.run_id,
-                                                                                  config=record.config)
-
-
-def _teacher_from_file(path: Path, model_name: str | None, width: float | None,
-                       model_args: dict[str, Any] | None = None, trust: bool = False) -> FoundTeacher:
-    ckpt = read_checkpoint(path, trust)
-    identity = file_identity(path)
-    if isinstance(ckpt, nn.Module):  # a whole pickled model (only read with trust)
-        name = model_name or type(ckpt).__name__
-        return FoundTeacher(as_model(ckpt, name, getattr(ckpt, "num_classes", None)), identity, path, None)
-    state, config = plain_state(ckpt), None
-    if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
-        check_checkpoint(ckpt, path)
-        info, state, config = ckpt["model"], ckpt["student"], ckpt.get("config")
-        if model_name and model_name != info["name"]:
-            raise UserError(f"checkpoint {path} holds a {info['name']}, not a {model_name}")
-        if width is not None and width != info["width"]:
-            raise UserError(f"checkpoint {path} holds width {info['width']:g}, not {width:g}")
-        model_name, width, num_classes = info["name"], info["width"], info["num_classes"]
-        model_args = (config or {}).get("model_args") or {}
-    elif state is not None:
-        if not model_name:
-            raise UserError(f"{path} is a bare state dict: name its architecture with --teacher-model")
-        width, num_classes = width or 1.0, _linear_out(state)
-    else:
-        raise UserError(f"{path} is not a kdlab checkpoint or a model state dict")
-    model = create_model(model_name, width, num_classes, **(model_args or {}))
-    load_state(model, state, f"checkpoint {path}")
-    return FoundTeacher(model, identity, path, config)
-
-
-def _linear_out(state: dict[str, torch.Tensor]) -> int:
-    """Number of classes of a bare state dict: the rows of its last 2-D weight."""
-    weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
-    return int(weights[-1].shape[0]) if weights else 10

@@ -22,12 +22,16 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from kdlab.errors import UserError
+
+if TYPE_CHECKING:
+    from kdlab.store import RunRecord, RunsWriter
 
 
 @dataclass(frozen=True)
@@ -92,58 +96,120 @@ def barrier() -> None:
         dist.barrier()
 
 
-class FollowerStore:
-    """The runs store as ranks other than 0 see it: they read what rank 0 writes, and write nothing.
-    Claims are rank 0's, told to every rank."""
+class _RankStore:
+    """What both roles of a run on several processes do alike: read the one store."""
 
-    is_writer = False
-
-    def __init__(self, store: Any):
+    def __init__(self, store: RunsWriter):
         self._store = store
         self.root = store.root
 
-    def claim(self, run_id: str, owner: str) -> str:
-        return broadcast(None)
-
-    def get(self, run_id: str) -> Any:
+    def get(self, run_id: str) -> RunRecord | None:
         return self._store.get(run_id)
 
-    def load_checkpoint(self, run_id: str) -> Any:
-        return self._store.load_checkpoint(run_id)
+    def find(self, prefix: str) -> RunRecord | None:
+        return self._store.find(prefix)
 
-    def checkpoint_path(self, run_id: str, epoch: int | None = None) -> Any:
+    def runs(self, status: str | None = None) -> list[RunRecord]:
+        return self._store.runs(status)
+
+    def checkpoint_path(self, run_id: str, epoch: int | None = None) -> Path:
         return self._store.checkpoint_path(run_id, epoch)
+
+    def load_checkpoint(self, run_id: str) -> dict[str, Any] | None:
+        return self._store.load_checkpoint(run_id)
 
     def close(self) -> None:
         self._store.close()
 
-    def __getattr__(self, name: str) -> Any:
-        # ensure, set_info, record_epoch, truncate_epochs, finish, fail, release, heartbeat,
-        # save_checkpoint, save_snapshot: rank 0 does them.
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return lambda *args, **kwargs: None
 
-
-class LeaderStore:
-    """The runs store on rank 0: the real one, whose claims every rank is told."""
+class LeaderStore(_RankStore):
+    """The runs store on rank 0 (the writer role of kdlab.store.protocol): the real one, whose claims
+    every rank is told. Each method is the store's own, named here."""
 
     is_writer = True
-
-    def __init__(self, store: Any):
-        self._store = store
-        self.root = store.root
 
     def claim(self, run_id: str, owner: str) -> str:
         return broadcast(self._store.claim(run_id, owner))
 
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._store, name)
+    def reopen(self) -> RunsWriter:
+        return self._store.reopen()  # the heartbeat's own connection: plain, it claims nothing
+
+    def ensure(self, run_id: str, config: dict[str, Any], label: str | None = None, role: str | None = None) -> None:
+        self._store.ensure(run_id, config, label, role)
+
+    def heartbeat(self, run_id: str, owner: str) -> None:
+        self._store.heartbeat(run_id, owner)
+
+    def release(self, run_id: str, owner: str) -> None:
+        self._store.release(run_id, owner)
+
+    def set_info(self, run_id: str, **values: Any) -> None:
+        self._store.set_info(run_id, **values)
+
+    def record_epoch(self, run_id: str, epoch: int, metrics: dict[str, Any]) -> None:
+        self._store.record_epoch(run_id, epoch, metrics)
+
+    def truncate_epochs(self, run_id: str, keep: int) -> None:
+        self._store.truncate_epochs(run_id, keep)
+
+    def finish(self, run_id: str, result: dict[str, Any]) -> None:
+        self._store.finish(run_id, result)
+
+    def fail(self, run_id: str, error: str) -> None:
+        self._store.fail(run_id, error)
+
+    def save_checkpoint(self, run_id: str, state: dict[str, Any]) -> None:
+        self._store.save_checkpoint(run_id, state)
+
+    def save_snapshot(self, run_id: str, epoch: int) -> None:
+        self._store.save_snapshot(run_id, epoch)
 
 
-def for_rank(store: Any, world: World | None) -> Any:
+class FollowerStore(_RankStore):
+    """The runs store as ranks other than 0 see it (the follower role of kdlab.store.protocol): they
+    read what rank 0 writes, and write nothing. Claims are rank 0's, told to every rank; each
+    writing method is declared here and does nothing (rank 0 does it)."""
+
+    is_writer = False
+
+    def claim(self, run_id: str, owner: str) -> str:
+        return broadcast(None)
+
+    def reopen(self) -> RunsWriter:
+        return self  # a follower keeps no claim alive: the loop starts no heartbeat on it
+
+    def ensure(self, run_id: str, config: dict[str, Any], label: str | None = None, role: str | None = None) -> None:
+        pass
+
+    def heartbeat(self, run_id: str, owner: str) -> None:
+        pass
+
+    def release(self, run_id: str, owner: str) -> None:
+        pass
+
+    def set_info(self, run_id: str, **values: Any) -> None:
+        pass
+
+    def record_epoch(self, run_id: str, epoch: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def truncate_epochs(self, run_id: str, keep: int) -> None:
+        pass
+
+    def finish(self, run_id: str, result: dict[str, Any]) -> None:
+        pass
+
+    def fail(self, run_id: str, error: str) -> None:
+        pass
+
+    def save_checkpoint(self, run_id: str, state: dict[str, Any]) -> None:
+        pass
+
+    def save_snapshot(self, run_id: str, epoch: int) -> None:
+        pass
+
+
+def for_rank(store: RunsWriter, world: World | None) -> RunsWriter:
     """The store as this rank uses it."""
     if world is None:
         return store

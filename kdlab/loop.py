@@ -130,7 +130,7 @@ def run_group(specs: list[tuple[Config, Teacher | None, str | None]], store: Sto
     writer = CheckpointWriter(store)
     jobs: list[Job] = []  # made as the group starts: each job whole, its loggers started
     try:
-        writes = getattr(store, "is_writer", True)  # in a run on several processes, rank 0 keeps the claim
+        writes = store.is_writer  # in a run on several processes, rank 0 keeps the claim
         with Heartbeat(store, [cfg.run_hash() for cfg, _, _ in claimed], owner) if writes else nullcontext():
             dataset = dataset or dataset_for(claimed[0][0])
             _train_group(claimed, jobs, store, writer, dataset, quiet, silent, world, on_resume)
@@ -272,7 +272,7 @@ def _end_epoch(job: Job, engine: Engine, store: Store, writer: CheckpointWriter,
     done = epoch + 1
     snapshot = done if done in job.cfg.snapshots else None
     due = done % job.cfg.checkpoint_every == 0 or done == job.cfg.epochs or snapshot is not None
-    if due and getattr(store, "is_writer", True):  # in a run on several processes, rank 0 writes them
+    if due and store.is_writer:  # in a run on several processes, rank 0 writes them
         state = checkpoint_state(job.run_id, job.cfg, job.s, done, job.history, job.elapsed + wall,
                                  accounting.totals(job, engine))
         writer.submit(job.run_id, state, snapshot)

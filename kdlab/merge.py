@@ -11,6 +11,10 @@ versions say where and how fast a run trained, not what it gave. Across the sour
 - same id, finished with different results: a *conflict*, reported; the first finished copy is
   kept, and nothing already in the destination is overwritten by a different result;
 - an id in one source only: *unmatched*, listed by source.
+
+A conflict names what differs (the field, and both values with the digits it takes to tell them
+apart). A copied run brings its files along: checkpoint and snapshots, its run card (the Markdown
+summary beside the checkpoint), its TensorBoard folder and what the deploy layer keeps for it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from kdlab.errors import UserError
 from kdlab.store import RunRecord, Store
 
 if TYPE_CHECKING:
-    from kdlab.report import Report
+    from kdlab.reporting import Report
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Conflict:
     what: str
     kept: tuple[str, float | None]  # (source, final accuracy) of the copy kept
     others: list[tuple[str, float | None]]  # the differing copies
+    differences: list[list[str]] = field(default_factory=list)  # per differing copy: what differs from the kept
 
 
 @dataclass
@@ -52,10 +57,37 @@ class Combined:
     unmatched: dict[str, list[RunRecord]] = field(default_factory=dict)  # source -> its runs no other has
 
 
+RESULT_FIELDS = ("status", "final_acc", "best_acc", "best_epoch")  # a run's own fields that are its result
+EPOCH_FIELDS = ("train_loss", "train_acc", "test_loss", "test_acc")  # and each epoch's
+SHOWN_DIFFERENCES = 3  # in a conflict's line; the rest are counted
+
+
 def result(r: RunRecord) -> tuple[Any, ...]:
     """What a run gave, for comparing two copies of it."""
-    epochs = tuple((e["train_loss"], e["train_acc"], e["test_loss"], e["test_acc"]) for e in r.history)
-    return r.status, r.final_acc, r.best_acc, r.best_epoch, epochs
+    epochs = tuple(tuple(e[name] for name in EPOCH_FIELDS) for e in r.history)
+    return (*(getattr(r, name) for name in RESULT_FIELDS), epochs)
+
+
+def differences(kept: RunRecord, other: RunRecord) -> list[str]:
+    """What differs between two copies' results, each as 'FIELD KEPT vs OTHER' ('epoch E FIELD ...' for
+    an epoch's value), in the order `result` compares them."""
+    out = [f"{name} {_pair(getattr(kept, name), getattr(other, name))}" for name in RESULT_FIELDS
+           if getattr(kept, name) != getattr(other, name)]
+    if len(kept.history) != len(other.history):
+        out.append(f"epochs recorded {len(kept.history)} vs {len(other.history)}")
+    for a, b in zip(kept.history, other.history, strict=False):
+        out += [f"epoch {a['epoch']} {name} {_pair(a[name], b[name])}" for name in EPOCH_FIELDS if a[name] != b[name]]
+    return out
+
+
+def _pair(x: Any, y: Any) -> str:
+    """Two values that differ, numbers with as many digits as it takes to see that they do."""
+    if isinstance(x, float) and isinstance(y, float):
+        for digits in (4, 6, 8, 10, 12, 14, 17):
+            a, b = f"{x:.{digits}g}", f"{y:.{digits}g}"
+            if a != b:
+                return f"{a} vs {b}"
+    return f"{x} vs {y}"
 
 
 def describe(r: RunRecord) -> str:
@@ -79,7 +111,8 @@ def combine(stores: Sequence[Store]) -> Combined:
         differing = [c for c in finished if result(c[1]) != result(kept[1])]
         if differing:
             out.conflicts.append(Conflict(run_id, describe(kept[1]), (sources[kept[0]], kept[1].final_acc),
-                                          [(sources[i], r.final_acc) for i, r in differing]))
+                                          [(sources[i], r.final_acc) for i, r in differing],
+                                          [differences(kept[1], r) for _, r in differing]))
         elif len(found) > 1:
             out.shared.append(run_id)
         if len(found) == 1:
@@ -88,7 +121,9 @@ def combine(stores: Sequence[Store]) -> Combined:
 
 
 def conflict_line(c: Conflict) -> str:
-    others = ", ".join(f"{_acc(acc)} in {src}" for src, acc in c.others)
+    """One line: the run, the copy kept, and each differing copy with what differs (kept vs that copy)."""
+    others = ", ".join(f"{_acc(acc)} in {src}{_what_differs(diff)}"
+                       for (src, acc), diff in zip(c.others, c.differences or [[]] * len(c.others), strict=True))
     return (f"Conflict: run {c.run_id} ({c.what}) finished with different results: kept {_acc(c.kept[1])} from "
             f"{c.kept[0]}; differs: {others}")
 
@@ -96,6 +131,13 @@ def conflict_line(c: Conflict) -> str:
 def unmatched_lines(combined: Combined) -> list[str]:
     return [f"Only in {src} ({len(runs)} runs): " + ", ".join(f"{r.run_id[:8]} {describe(r)}" for r in runs)
             for src, runs in combined.unmatched.items() if runs]
+
+
+def _what_differs(diff: list[str]) -> str:
+    if not diff:
+        return ""
+    more = len(diff) - SHOWN_DIFFERENCES
+    return f" ({'; '.join(diff[:SHOWN_DIFFERENCES])}{f'; and {more} more' if more > 0 else ''})"
 
 
 def _acc(acc: float | None) -> str:
@@ -121,7 +163,7 @@ def _open(runs_dirs: Sequence[str | Path]) -> list[Store]:
 
 
 class CombinedRuns:
-    """Several stores read as one by `kdlab.report.build_report` (which calls `runs()`)."""
+    """Several stores read as one by `kdlab.reporting.build_report` (which calls `runs()`)."""
 
     def __init__(self, combined: Combined):
         self.combined = combined
@@ -142,7 +184,7 @@ class CombinedRuns:
 
 def report_over(runs_dirs: Sequence[str | Path], dataset: str | None = None, preset: str | None = None) -> Report:
     """The report of one runs dir, or of several combined (with notes on conflicts and unmatched runs)."""
-    from kdlab.report import build_report
+    from kdlab.reporting import build_report
 
     stores = _open(runs_dirs)
     try:
@@ -195,6 +237,7 @@ def merge(sources: Sequence[str | Path], into: str | Path, log: Callable[[str], 
                 continue
             dst.import_run(stores[i].export_run(run_id))
             _copy_checkpoints(stores[i].root, dst.root, run_id)
+            _copy_tensorboard(stores[i].root, dst.root, run_id)
             copy_run_files(stores[i].root, dst.root, record)  # ONNX files, pruned weights (kdlab.deploy)
             copied.append(run_id)
         by_id = {run_id: record for run_id, (_, record) in combined.records.items()}
@@ -211,12 +254,34 @@ def merge(sources: Sequence[str | Path], into: str | Path, log: Callable[[str], 
 
 
 def _copy_checkpoints(src: Path, dst: Path, run_id: str) -> None:
-    """The run's latest checkpoint and its snapshots (RUN@EPOCH), each written whole, then renamed."""
-    for path in sorted((src / "checkpoints").glob(f"{run_id}*.pt")):
+    """The run's latest checkpoint, its snapshots (RUN@EPOCH) and its run card (RUN.md, the summary the
+    loggers write beside the checkpoint), each written whole, then renamed."""
+    folder = src / "checkpoints"
+    for path in sorted([*folder.glob(f"{run_id}*.pt"), *folder.glob(f"{run_id}.md")]):
         target = dst / "checkpoints" / path.name
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
         shutil.copyfile(path, tmp)
         os.replace(tmp, target)
+
+
+def _tensorboard_folders(root: Path, run_id: str) -> list[Path]:
+    """The run's TensorBoard folders under tb/: `<label>.<run id>`, or the id alone (kdlab.loggers)."""
+    return sorted(p for p in (root / "tb").glob(f"*{run_id}")
+                  if p.is_dir() and (p.name == run_id or p.name.endswith(f".{run_id}")))
+
+
+def _copy_tensorboard(src: Path, dst: Path, run_id: str) -> None:
+    """The copied run's TensorBoard event files, in place of any the destination had for that run (they
+    were of the copy the merge replaced, not of this one)."""
+    found = _tensorboard_folders(src, run_id)
+    if not found:
+        return
+    for old in _tensorboard_folders(dst, run_id):
+        shutil.rmtree(old)
+    for folder in found:
+        tmp = dst / "tb" / f".tmp-{os.getpid()}-{folder.name}"
+        shutil.copytree(folder, tmp)
+        os.replace(tmp, dst / "tb" / folder.name)
 
 
 def _say(out: MergeResult, into: str | Path, log: Callable[[str], Any]) -> None:

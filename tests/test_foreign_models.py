@@ -46,7 +46,7 @@ def test_timm_and_torchvision_as_teacher_and_student(tmp_path, tiny):
         assert student.history[-1]["terms"].keys() == {"ce", "kd"} and student.timing["teacher_s"] > 0
     # The report's Table 1 gives each model's FLOPs at the data's image size.
     from kdlab.models.profile import format_flops
-    from kdlab.report import build_report, render
+    from kdlab.reporting import build_report, render
     from kdlab.store import Store
 
     store = Store(tmp_path, create=False)
@@ -272,7 +272,7 @@ def test_in_process_module_source_copies_the_module():
 
 
 def test_an_older_store_gains_the_flops_column(tmp_path, monkeypatch):
-    import kdlab.store as store_module
+    import kdlab.store.database as store_module
     from kdlab.store import Store
 
     with monkeypatch.context() as m:  # a store as written before FLOPs were recorded (schema 2)

@@ -9,7 +9,7 @@ import torch
 
 import kdlab
 from kdlab.health import assess
-from kdlab.report import build_report, render
+from kdlab.reporting import build_report, render
 from kdlab.store import RunRecord, Store
 
 
@@ -60,7 +60,7 @@ def test_a_test_accuracy_at_chance_after_training_far_above_it_is_flagged():
 
 
 def test_each_verdict_is_printed_with_what_to_do(capsys):
-    from kdlab.cli import _print_record
+    from kdlab.commands.runs import print_record as _print_record
     from kdlab.configure import build_config
 
     cfg = build_config("smoke", "vgg16", overrides={"width": 0.0625, "dataset": "synthetic"})
@@ -92,7 +92,7 @@ def test_finished_runs_carry_their_verdict(tmp_path, tiny):
 
 
 def test_diverged_runs_are_listed_not_tabled(tmp_path, capsys):
-    from kdlab.cli import _print_record
+    from kdlab.commands.runs import print_record as _print_record
     from kdlab.configure import build_config
 
     store = Store(tmp_path)

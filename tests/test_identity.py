@@ -11,7 +11,7 @@ import kdlab
 from kdlab.config import Config
 from kdlab.configure import bind_dataset, build_config
 from kdlab.data import identify_dataset
-from kdlab.report.naming import recipe
+from kdlab.reporting.naming import recipe
 from kdlab.store import SCHEMA_VERSION, Store
 
 RUN = {"epochs": 1, "batch_size": 8, "width": 0.0625}

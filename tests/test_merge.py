@@ -132,3 +132,51 @@ def test_an_unfinished_run_merged_from_another_machine_resumes_from_its_checkpoi
     assert resumed.status == "done" and resumed.final_acc == trained.final_acc
     # Nothing retrained: the time is the copied checkpoint's, not a new measurement.
     assert resumed.wall_s == torch.load(resumed.checkpoint, weights_only=True)["elapsed_s"]
+
+
+def test_a_conflict_names_the_field_that_differs_and_both_values(tmp_path, capsys):
+    """Two copies with the same accuracies whose losses differ in one epoch: the line says where."""
+    a, b, dst = (tmp_path / n for n in ("a", "b", "dst"))
+    run_id = _add(Store(a), _cfg("resnet18", 0), 42.8)
+    store_b = Store(b)
+    assert _add(store_b, _cfg("resnet18", 0), 42.8) == run_id
+    store_b.record_epoch(run_id, 2, {"test_acc": 42.8, "train_loss": 0.500000001})  # 0.5 in a
+    assert main(["merge", str(a), str(b), "--into", str(dst)]) == 1
+    out = capsys.readouterr().out
+    assert (f"kept 42.80% from {a}; differs: 42.80% in {b} (epoch 2 train_loss 0.5 vs 0.500000001)") in out
+    # Several differences: the first three, and how many more.
+    store_c = Store(tmp_path / "c")
+    _add(store_c, _cfg("resnet18", 0), 43.0)
+    assert main(["merge", str(tmp_path / "c"), "--into", str(dst)]) == 1
+    out = capsys.readouterr().out
+    assert (f"differs: 43.00% in {tmp_path / 'c'} (final_acc 42.8 vs 43; best_acc 42.8 vs 43; epoch 1 test_acc "
+            "41.8 vs 42; and 1 more)") in out
+
+
+def test_merge_copies_run_cards_and_tensorboard_files(tmp_path, capsys):
+    a, dst = tmp_path / "a", tmp_path / "dst"
+    store_a = Store(a)
+    run_id = _add(store_a, _cfg("resnet18", 0), 80.0)
+    card = store_a.checkpoint_path(run_id).with_suffix(".md")
+    card.write_text(f"# kdlab run {run_id}\n")
+    events = a / "tb" / f"resnet18_ce_s0.{run_id}" / "events.out.tfevents.1.host"
+    events.parent.mkdir(parents=True)
+    events.write_bytes(b"scalars of a")
+    other = _add(store_a, _cfg("vgg16", 0), 70.0)  # a run without a card or TensorBoard files
+    # The destination has the run unfinished, with the TensorBoard files of its own, interrupted, attempt.
+    store_dst = Store(dst)
+    _add(store_dst, _cfg("resnet18", 0), 10.0, status="running")
+    store_dst.release(run_id, OWNER)
+    stale = dst / "tb" / f"resnet18_ce_s0_old.{run_id}" / "events.out.tfevents.0.host"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"scalars of the interrupted attempt")
+
+    assert main(["merge", str(a), "--into", str(dst)]) == 0
+    assert "2 runs copied" in capsys.readouterr().out
+    merged = Store(dst, create=False)
+    assert merged.checkpoint_path(run_id).with_suffix(".md").read_text() == f"# kdlab run {run_id}\n"
+    assert (dst / "tb" / events.parent.name / events.name).read_bytes() == b"scalars of a"
+    assert not stale.parent.exists()  # the replaced copy's files go with it
+    assert sorted(p.name for p in (dst / "tb").iterdir()) == [events.parent.name]
+    assert not merged.checkpoint_path(other).with_suffix(".md").exists()
+    assert not [p for p in (dst / "checkpoints").iterdir() if ".tmp" in p.name]

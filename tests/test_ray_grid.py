@@ -21,7 +21,7 @@ from kdlab.loop import run_group
 from kdlab.schedule.executors.ray_store import WRITER_CALLS, RayStore, StoreWriter
 from kdlab.schedule.plan import GridSpec, plan
 from kdlab.schedule.scheduler import run_grid
-from kdlab.store import Store
+from kdlab.store import RunsWriter, Store
 
 TINY_GRID = ["--preset", "smoke", "--dataset", "synthetic", "--epochs", "1", "--set", "train_limit=128",
              "--set", "test_limit=64", "--batch-size", "64", "--quiet"]
@@ -48,7 +48,7 @@ def _results(runs_dir) -> dict:
 
 
 def test_ray_grid_gives_the_local_grids_plan_runs_and_accuracies(tmp_path, synthetic_dir, ray_cluster, capsys):
-    from kdlab.report import build_report
+    from kdlab.reporting import build_report
 
     def grid(runs_dir: str, *extra: str) -> int:
         return main([*GRID, "--data-dir", str(synthetic_dir), "--runs-dir", str(tmp_path / runs_dir), *extra])
@@ -230,7 +230,7 @@ def test_gpus_per_run_without_ray_is_refused(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_store_proxy_has_what_the_loop_needs_and_fails_on_anything_else(tmp_path):
+def test_the_store_proxy_plays_the_writer_role_and_fails_on_anything_else(tmp_path):
     def public(cls: type) -> set[str]:
         return {n for n, v in inspect.getmembers(cls, inspect.isfunction) if not n.startswith("_")}
 
@@ -238,8 +238,8 @@ def test_the_store_proxy_has_what_the_loop_needs_and_fails_on_anything_else(tmp_
     assert public(RayStore) == {*WRITER_CALLS, *checkpoints, "reopen", "close", "note"}
     assert public(RayStore) - {"note"} <= public(Store)
     proxy = RayStore(tmp_path, StoreWriter(tmp_path))
-    assert proxy.is_writer
-    for name in ("transaction", "runs", "import_run", "hearbeat"):
+    assert proxy.is_writer and isinstance(proxy, RunsWriter)
+    for name in ("transaction", "import_run", "hearbeat"):
         with pytest.raises(AttributeError):
             getattr(proxy, name)
     with pytest.raises(AttributeError):

@@ -45,3 +45,29 @@ def test_the_python_api_example_runs_and_is_one_run(tmp_path, monkeypatch):
     assert model.startswith("module:Sequential.")
     assert printed[1] == printed[0]  # the same call again: the same run, returned from the store
     assert len(list((tmp_path / "runs" / "checkpoints").glob("*.pt"))) == 1
+
+
+def test_the_python_section_runs_the_grid_and_the_report(tmp_path, monkeypatch, synthetic_dir):
+    """The README's Python section (train, distill, grid, report) as written, on tiny data."""
+    import kdlab
+
+    monkeypatch.chdir(tmp_path)  # it writes ./runs
+    tiny = {"data_dir": str(synthetic_dir), "train_limit": 256, "test_limit": 128, "batch_size": 64,
+            "eval_batch_size": 128}
+    for name in ("train", "distill", "grid"):
+        real = getattr(kdlab, name)
+        extra = {**tiny, "width": 0.0625} if name != "grid" else tiny  # the grid sets each run's width
+        monkeypatch.setattr(kdlab, name, lambda *a, _real=real, _extra=extra, **k: _real(*a, **{**k, **_extra}))
+    text = README.read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "kdlab.grid(" in b]
+    printed = []
+    for _ in range(2):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+        printed.append(out.getvalue().splitlines())
+    assert printed[0][1] == "3 trained, 0 skipped, 0 failed"
+    assert printed[1][1] == "0 trained, 3 skipped, 0 failed"  # the same study again: nothing to train
+    roles = [line.split()[0] for line in printed[0][2:5]]
+    assert roles == ["teacher", "student", "distill"] and all(" done " in line for line in printed[0][2:5])
+    assert "### Table 1: training without KD" in "\n".join(printed[0])

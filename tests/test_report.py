@@ -12,7 +12,7 @@ import pytest
 from kdlab import paper
 from kdlab.configure import build_config
 from kdlab.errors import UserError
-from kdlab.report import build_report, display_name, render, write_report
+from kdlab.reporting import build_report, display_name, render, write_report
 from kdlab.store import Store
 
 TW, SW = 0.125, 0.0625  # the smoke preset's teacher and student widths
@@ -301,7 +301,7 @@ def test_teacherless_method_is_compared_with_the_student_alone(store):
 
 
 def test_report_api_reads_a_runs_dir(tmp_path):
-    from kdlab.report import report
+    from kdlab.reporting import report
 
     with pytest.raises(UserError, match="no kdlab runs database"):
         report(tmp_path / "nowhere")
@@ -409,7 +409,7 @@ def test_write_report_writes_every_format_and_plots(store, tmp_path):
 
 
 def test_plots_skip_when_there_is_nothing_to_draw(store, tmp_path):
-    from kdlab.plots import draw_all
+    from kdlab.reporting.plots import draw_all
 
     assert draw_all(build_report(store), tmp_path / "plots") == []
     assert not (tmp_path / "plots").exists()
@@ -421,7 +421,7 @@ def test_plots_skip_when_there_is_nothing_to_draw(store, tmp_path):
 def test_report_describes_the_data_and_keeps_intervals_in_range(store):
     import dataclasses
 
-    from kdlab.plots import acc_time_bars
+    from kdlab.reporting.plots import acc_time_bars
 
     info = {"name": "digits", "image_size": [8, 8], "classes": 10, "train": 1437, "test": 360}
     for seed, acc in ((0, 99.6), (1, 92.0)):  # two seeds far apart: the t-interval reaches past 100

@@ -45,7 +45,7 @@ def test_finished_run_returns_at_once(tmp_path, tiny, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
 
-    monkeypatch.setattr("kdlab.api.dataset_for", no_training)
+    monkeypatch.setattr("kdlab.training.dataset_for", no_training)
     again = kdlab.train("resnet18", preset="smoke", runs_dir=tmp_path, **tiny)
     assert again.run_id == first.run_id and again.final_acc == first.final_acc
 
@@ -296,7 +296,7 @@ def test_prepared_teacher_uses_its_compiled_forward():
 
 
 def test_early_stopped_teacher_snapshot(tmp_path, tiny):
-    from kdlab.report import build_report, render
+    from kdlab.reporting import build_report, render
     from kdlab.store import Store
 
     teacher = kdlab.train("resnet18", preset="smoke", runs_dir=tmp_path, **{**tiny, "width": 0.125, "snapshots": [1]})

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from kdlab.deploy.export import DEFAULT_OPSET, check_opset, export_run
+from kdlab.deploy.plan import QAT_THRESHOLD, RECOVERY_LR, progress_text
 from kdlab.deploy.prune import (
     CRITERIA,
     check_prunable,
@@ -40,9 +41,7 @@ from kdlab.deploy.runtime import calibration_loader, dataset_of
 from kdlab.errors import RunBusy, UserError
 from kdlab.store import RunRecord, Store
 
-QAT_THRESHOLD = 1.0  # points of top-1 an int8 model may lose before QAT is tried
 QAT_MODES = ("auto", "always", "never")
-RECOVERY_LR = 0.1  # recovery fine-tunes at this fraction of the original run's lr; QAT at a tenth of that
 
 
 @dataclass
@@ -235,8 +234,6 @@ def grid_targets(planned: Sequence[Any]) -> list[Any]:
 def plan_lines(planned: Sequence[Any], spec: CompressSpec, store: Store | None) -> list[str]:
     """`grid --dry-run` lines for the compress steps: every setting (defaults as they come to for the run)
     and how many of the steps are made."""
-    from kdlab.deploy.plan import progress_text
-
     by_id = {r.run_id: r for r in store.runs()} if store is not None else {}
     lines = []
     for r in grid_targets(planned):

@@ -30,6 +30,7 @@ from kdlab.deploy import require
 from kdlab.deploy.files import keep_made, made_before
 from kdlab.deploy.latency import cpu_model, measure_new_model
 from kdlab.deploy.runs import (
+    DEFAULT_OPSET,
     MODEL_FILE,
     deploy_config,
     deploy_id,
@@ -52,7 +53,6 @@ from kdlab.models import count_params, paper_params
 from kdlab.store import RunRecord, Store
 
 FORMATS = ("onnx",)
-DEFAULT_OPSET = 20
 MIN_OPSET = 18  # the torch.export-based exporter's first opset
 ATOL, RTOL = 1e-4, 1e-4
 

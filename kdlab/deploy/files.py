@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.deploy.runs import (
+    DEFAULT_OPSET,
     INFO_FILE,
     LATENCY_FILE,
     MODEL_FILE,
@@ -28,6 +29,7 @@ from kdlab.deploy.runs import (
     lineage,
     read_json,
     record_deploy_run,
+    save_latency,
     write_json,
 )
 from kdlab.digests import file_sha256
@@ -58,8 +60,6 @@ def file_problem(root: Path, record: RunRecord) -> str | None:
 def rebuild_command(record: RunRecord, by_id: dict[str, RunRecord]) -> str:
     """The command that makes a deployment run's files again: `export` for an fp32 model, the `compress`
     that made an int8 one (from the trained run it all started from)."""
-    from kdlab.deploy.export import DEFAULT_OPSET
-
     dep = record.config["deploy"]
     opset = "" if dep.get("opset", DEFAULT_OPSET) == DEFAULT_OPSET else f" --opset {dep['opset']}"
     if not dep.get("quantize"):
@@ -124,8 +124,6 @@ def keep_made(store: Store, run_id: str, config: dict[str, Any], label: str, fil
 
 
 def _replace_files(target: Path, files: Path, info: dict[str, Any]) -> None:
-    from kdlab.deploy.latency import save_latency
-
     write_json(files / INFO_FILE, {**info, "files": file_digests(files)})
     # The measurements of the run's model so far stay: the file is made from the same model and settings.
     if target.is_dir():

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -38,16 +37,12 @@ from kdlab.deploy.runs import (
     LATENCY_FILE,
     MODEL_FILE,
     artifact_dir,
-    finished_run,
-    fp32_export,
-    load_run_model,
     read_json,
-    write_json,
+    save_latency,
 )
-from kdlab.deploy.runtime import dataset_of, session
+from kdlab.deploy.runtime import session
 from kdlab.digests import file_sha256
 from kdlab.errors import UserError, warn
-from kdlab.store import Store
 
 WARMUP = 10
 MIN_RUNS = 10
@@ -164,54 +159,17 @@ def parse_runtimes(text: str | None) -> set[str] | None:
     return runtimes
 
 
-def _onnx_only(runtimes: set[str] | None, what: str, source: str) -> None:
+def check_onnx_only(runtimes: set[str] | None, what: str, source: str) -> None:
     """PyTorch eager times the trained model, which an ONNX file is not: asked of one, it is refused."""
     if runtimes is not None and "torch" in runtimes:
         raise UserError(f"--runtime torch times a trained run in PyTorch, and {what} is an ONNX model: give {source} "
                         "for PyTorch, or --runtime onnxruntime")
 
 
-def measure_run(store: Store, spec: str, batches: list[int], threads: list[int], runtimes: set[str] | None,
-                seconds: float, data_dir: str | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """`kdlab latency RUN`: an ONNX run in ONNX Runtime; a trained run in PyTorch and in ONNX Runtime through
-    its fp32 export. Each figure is kept where the module's docstring says. Returns (what, measurements)."""
-    from kdlab.deploy.export import export_run
-    from kdlab.deploy.files import model_file
-
-    record = finished_run(store, spec)
-    what = f"run {record.run_id} ({record.label or record.config['model']})"
-    if "deploy" in record.config:
-        source = record.config["deploy"]["source"]
-        _onnx_only(runtimes, f"run {record.run_id}", f"the trained run it came from, {source}")
-        entries = onnx_latency(model_file(store, record), batches, threads, seconds)
-        save_latency(artifact_dir(store.root, record.run_id), entries)
-        return what, entries
-    runtimes = runtimes or set(RUNTIMES)
-    entries = []
-    if "torch" in runtimes:
-        from kdlab.data.residency import input_size
-
-        images = dataset_of(record.config, data_dir).test.images
-        shape = (images.shape[3], *input_size(record.config, images.shape[1:3]))
-        mine = torch_latency(load_run_model(record, store.root), shape, batches, threads, seconds)
-        save_latency(artifact_dir(store.root, record.run_id), mine)
-        entries += mine
-    if "onnxruntime" in runtimes:
-        export = fp32_export(store.runs(), record.run_id)
-        if export is None:
-            export = export_run(store, record, data_dir=data_dir)
-            print(f"kdlab latency: run {export.run_id} is the ONNX export of run {record.run_id}, made to time it",
-                  file=sys.stderr)
-        theirs = onnx_latency(model_file(store, export), batches, threads, seconds)
-        save_latency(artifact_dir(store.root, export.run_id), theirs)
-        entries += theirs
-    return what, entries
-
-
 def measure_file(path: Path, runs_dir: Path, batches: list[int], threads: list[int], runtimes: set[str] | None,
                  seconds: float) -> tuple[str, list[dict[str, Any]]]:
     """`kdlab latency FILE`: ONNX Runtime; kept with the run of `runs_dir` whose model the file is, if any."""
-    _onnx_only(runtimes, str(path), "the trained run it came from")
+    check_onnx_only(runtimes, str(path), "the trained run it came from")
     entries = onnx_latency(path, batches, threads, seconds)
     home = run_of_file(path, runs_dir)
     if home is None:
@@ -239,16 +197,6 @@ def run_of_file(path: Path, runs_dir: Path) -> str | None:
 def measure_new_model(path: Path, folder: Path) -> None:
     """The first measurements of a model just made, saved with its files in `folder`."""
     save_latency(folder, onnx_latency(path, list(ON_CREATION_BATCHES), [1], ON_CREATION_SECONDS))
-
-
-def save_latency(folder: Path, entries: list[dict[str, Any]]) -> None:
-    """Add measurements to the latency.json in a run's folder, replacing older ones of the same setting and CPU."""
-    path = folder / LATENCY_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = ("runtime", "device", "cpu", "batch", "threads")
-    new = {tuple(e[k] for k in key) for e in entries}
-    kept = [e for e in read_json(path, []) if tuple(e.get(k) for k in key) not in new]
-    write_json(path, kept + entries)
 
 
 def load_latency(root: Path, run_id: str) -> list[dict[str, Any]]:

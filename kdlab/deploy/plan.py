@@ -16,13 +16,15 @@ from kdlab.deploy.quantize import int8_settings
 from kdlab.deploy.runs import deploy_id, lineage
 from kdlab.store import RunRecord
 
+QAT_THRESHOLD = 1.0  # points of top-1 an int8 model may lose before QAT is tried
+RECOVERY_LR = 0.1  # recovery fine-tunes at this fraction of the original run's lr; QAT at a tenth of that
+
 Steps = list[tuple[str, RunRecord | None]]
 
 
 def planned_steps(by_id: dict[str, RunRecord], record: RunRecord, spec: Any) -> tuple[Steps, bool]:
     """(what, its finished run or None) for every model `compress` would make for `record` under the
     CompressSpec `spec`, in its order; and whether more may follow (QAT under qat=auto, undecided)."""
-    from kdlab.deploy.compress import QAT_THRESHOLD, RECOVERY_LR
 
     root = lineage(record, by_id)[-1]
     epochs = spec.epochs or default_epochs(root)
@@ -103,7 +105,6 @@ def progress_text(by_id: dict[str, RunRecord], run_id: str, spec: Any,
                   config: dict[str, Any] | None = None) -> tuple[str, str]:
     """(the settings as they come to for the run, how much is made) for a `grid --dry-run` line; `config`
     is the planned run's, for a run not trained yet."""
-    from kdlab.deploy.compress import RECOVERY_LR
 
     record = by_id.get(run_id)
     if record is None or record.status != "done":

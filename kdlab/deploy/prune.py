@@ -84,7 +84,7 @@ def prune_model(model: nn.Module, example: torch.Tensor, ratio: float, criterion
 def resolve_teacher(store: Store, parent: RunRecord, spec: str | None) -> tuple[nn.Module, str, str]:
     """The recovery's teacher: `spec` (a run, RUN@EPOCH or a checkpoint file), else the parent's own
     teacher, else the unpruned parent itself. Returns (model, identity, path of its weights)."""
-    from kdlab.api import load_teacher
+    from kdlab.teacher_lookup import load_teacher
 
     cfg = parent.config
     if spec is None and cfg.get("teacher"):
@@ -118,7 +118,7 @@ def prune_run(store: Store, parent: RunRecord, ratio: float, criterion: str = "l
               data_dir: str | None = None, quiet: bool = True, silent: bool = False) -> RunRecord:
     """Prune a finished run's model and recover it with KD: the recovery run (trained, resumed or
     returned as it is, like any run)."""
-    from kdlab.api import execute
+    from kdlab.training import execute
 
     check_ratio(ratio)
     check_prunable(parent)

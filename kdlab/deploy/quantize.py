@@ -122,8 +122,8 @@ def qat_run(store: Store, source: RunRecord, *, epochs: int, lr: float, override
             data_dir: str | None = None, quiet: bool = True, silent: bool = False) -> RunRecord:
     """Quantization-aware fine-tuning of a finished run, distilled from that run in fp32 (method `qat`):
     a run of the training loop like any other."""
-    from kdlab.api import execute
     from kdlab.deploy.prune import check_trained
+    from kdlab.training import execute
 
     check_trained(source)
     changes = {"model_args": model_args(source.config, store.root), "method": "qat", "method_args": {},

@@ -29,7 +29,10 @@ from torch import nn
 from kdlab.config import Config
 from kdlab.digests import file_sha256
 from kdlab.errors import RunBusy, UserError
+from kdlab.reporting.naming import is_deployment_run  # noqa: F401 (the deploy layer's name for it too)
 from kdlab.store import RunRecord, Store, read_checkpoint_file
+
+DEFAULT_OPSET = 20  # the ONNX opset exports are written in unless asked otherwise (kdlab.deploy.export)
 
 DEPLOY_DIR = "deploy"
 PRUNED_DIR = "pruned"
@@ -46,12 +49,6 @@ def finished_run(store: Store, spec: str) -> RunRecord:
     if record.status != "done" or record.final_acc is None:
         raise UserError(f"run {record.run_id} is not finished (status {record.status}): finish it first")
     return record
-
-
-def is_deployment_run(config: dict[str, Any]) -> bool:
-    """A run made by the deploy layer (export, int8, pruned recovery, QAT): not a study run."""
-    return ("deploy" in config or str(config.get("model", "")).startswith("pruned:")
-            or config.get("method") == "qat")
 
 
 def parent_of(record: RunRecord, by_id: dict[str, RunRecord]) -> RunRecord | None:
@@ -253,3 +250,13 @@ def file_size(path: Path) -> int:
     """Bytes on disk of an ONNX model with any external data files beside it."""
     return sum(p.stat().st_size for p in Path(path).parent.iterdir()
                if p.is_file() and (p == path or p.name.startswith(Path(path).name + ".")))
+
+
+def save_latency(folder: Path, entries: list[dict[str, Any]]) -> None:
+    """Add measurements to the latency.json in a run's folder, replacing older ones of the same setting and CPU."""
+    path = folder / LATENCY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ("runtime", "device", "cpu", "batch", "threads")
+    new = {tuple(e[k] for k in key) for e in entries}
+    kept = [e for e in read_json(path, []) if tuple(e.get(k) for k in key) not in new]
+    write_json(path, kept + entries)

@@ -67,7 +67,7 @@ class Deployment:
 
 def build_deployment(store: Store, dataset: str | None = None, preset: str | None = None) -> Deployment:
     """Read every finished ONNX run of the store (of one dataset and/or preset if given) into rows."""
-    from kdlab.report.naming import study_teacher_width
+    from kdlab.reporting.naming import study_teacher_width
 
     runs = store.runs()
     by_id = {r.run_id: r for r in runs}
@@ -185,7 +185,7 @@ def render_deployment(table: Deployment, fmt: str = "md") -> str:
     cpus = sorted({r.cpu for r in table.rows if r.cpu})
     note = NOTE + (f" CPU: {'; '.join(cpus)}." if cpus else "")
     if fmt == "latex":
-        from kdlab.report import latex_escape
+        from kdlab.reporting import latex_escape
 
         lines = []
         for key, rows in table.groups.items():

@@ -162,7 +162,7 @@ def _warn(name: str, e: BaseException) -> None:
 def start_loggers(cfg: Config, run_id: str, label: str, store: Store) -> RunLoggers:
     """The loggers this run asked for, started (one that cannot start warns and is left out). In a
     run on several processes only the one that writes the store logs."""
-    if not getattr(store, "is_writer", True):
+    if not store.is_writer:
         return RunLoggers()
     # A run started without a label (kdlab train / distill, the Python API) is shown by what it is.
     run = RunStart(run_id, default_label(cfg.to_dict()) if label == run_id else label, cfg.to_dict(),

@@ -50,7 +50,7 @@ def teacher_for(r: PlannedRun, store: Any, cache: dict[str, Any]) -> Any:
 
     Only `store`'s `get` and `root` are used (no second connection to the database), so that a
     Ray task can pass its store proxy."""
-    from kdlab.api import load_teacher
+    from kdlab.teacher_lookup import load_teacher
 
     if not r.depends_on:
         return None

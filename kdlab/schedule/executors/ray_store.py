@@ -2,7 +2,7 @@
 
 On a cluster the database stays on one node (the driver's), written by one process (`StoreWriter`,
 in a Ray actor), so it never sits on a network filesystem under concurrent writers. A `RayStore`
-has what the training loop (`kdlab.loop.run_group`) and the scheduler use of a store, and no more:
+plays the writer role of `kdlab.store.protocol` (what the training loop and the scheduler use), and no more:
 its database calls go to the writer, its checkpoints are read and written where it runs, in the
 runs directory, which every node must see at the same path (a shared filesystem), so that a run
 that lost its node resumes on another. A name it lacks fails at once (AttributeError).
@@ -16,9 +16,9 @@ from typing import Any
 from kdlab.schedule.work import Event
 from kdlab.store import DB_NAME, RunRecord, Store
 
-# The database calls the writer serves: what the loop and the scheduler need, nothing else.
-WRITER_CALLS = ("get", "ensure", "claim", "heartbeat", "release", "set_info", "record_epoch", "truncate_epochs",
-                "finish", "fail")
+# The database calls the writer serves: the writer role's (kdlab.store.RunsWriter), nothing else.
+WRITER_CALLS = ("get", "find", "runs", "ensure", "claim", "heartbeat", "release", "set_info", "record_epoch",
+                "truncate_epochs", "finish", "fail")
 
 
 class StoreWriter:
@@ -112,6 +112,12 @@ class RayStore:
 
     def get(self, run_id: str) -> RunRecord | None:
         return self._call("get", run_id)
+
+    def find(self, prefix: str) -> RunRecord | None:
+        return self._call("find", prefix)
+
+    def runs(self, status: str | None = None) -> list[RunRecord]:
+        return self._call("runs", status)
 
     def ensure(self, run_id: str, config: dict[str, Any], label: str | None = None, role: str | None = None) -> None:
         self._call("ensure", run_id, config, label, role)

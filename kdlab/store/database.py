@@ -1,9 +1,10 @@
-"""The runs store: one SQLite database and one checkpoint folder per runs directory.
+"""The runs database: one SQLite file (and one checkpoint folder) per runs directory.
 
-It is the one place results are written. SQLite in WAL mode keeps the database readable after a
-`kill -9` at any moment; checkpoints are written to a temporary file and renamed, so a checkpoint
-on disk is always whole. Runs are claimed in a transaction so that several `kdlab grid`
-processes can share one runs directory without running anything twice.
+SQLite in WAL mode keeps the database readable after a `kill -9` at any moment; checkpoints are
+written to a temporary file and renamed, so a checkpoint on disk is always whole. Runs are claimed
+in a transaction so that several `kdlab grid` processes can share one runs directory without
+running anything twice. `Store` is the writer (and, opened with `readonly=True`, a reader) of
+`kdlab.store.protocol`.
 """
 
 from __future__ import annotations
@@ -11,33 +12,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sqlite3
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from kdlab.digests import state_sha256
 from kdlab.errors import UserError
-from kdlab.health import is_diverged
+from kdlab.store.checkpoint_files import RESUME_ADVICE, read_checkpoint_file, write_checkpoint_file
+from kdlab.store.claims import STALE_AFTER_S, owner_is_dead
+from kdlab.store.records import RunRecord
 
 SCHEMA_VERSION = 3
 DB_NAME = "kdlab.db"
-STALE_AFTER_S = 120.0  # a claim whose heartbeat is older than this is taken over
-HEARTBEAT_S = 15.0
-CHECKPOINT_DIGEST = "sha256"  # the key of a checkpoint's digest of its own content (kdlab.digests)
-# What to do about a damaged checkpoint: of a run still training, and of a finished run.
-RESUME_ADVICE = "delete it to train the run again from its start, or put back a copy"
-FINISHED_ADVICE = ("a trained run's weights come back only from a copy of the file (`kdlab merge` copies "
-                   "checkpoints) or by training the run again in another runs dir")
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
@@ -66,71 +54,6 @@ CREATE TABLE IF NOT EXISTS epochs (
 """
 
 
-@dataclass
-class RunRecord:
-    """One run as stored: its config, status, metrics and timings."""
-
-    run_id: str
-    config: dict[str, Any]
-    status: str
-    label: str | None = None
-    epochs_done: int = 0
-    final_acc: float | None = None
-    best_acc: float | None = None
-    best_epoch: int | None = None
-    wall_s: float | None = None
-    timing: dict[str, float] = field(default_factory=dict)
-    device: str | None = None
-    versions: dict[str, str] = field(default_factory=dict)
-    params: int | None = None
-    paper_params: int | None = None
-    flops: int | None = None  # per image, at the data's image size (kdlab.models.profile)
-    peak_mem_bytes: int | None = None
-    error: str | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    checkpoint: str | None = None
-    health: str | None = None  # 'ok' or 'diverged: ...'; None for runs finished before kdlab checked
-    role: str | None = None  # teacher, student, assistant or distill when a grid planned the run
-
-    @property
-    def diverged(self) -> bool:
-        """Finished, but its training fell apart (kdlab.health): its accuracy is not a result."""
-        return is_diverged(self.health)
-
-    @property
-    def model(self) -> str:
-        return self.config["model"]
-
-    @property
-    def method(self) -> str:
-        return self.config["method"]
-
-    @property
-    def seed(self) -> int:
-        return self.config["seed"]
-
-
-def owner_id() -> str:
-    """Who holds a claim: host, process and a random part (pids are reused)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _owner_is_dead(owner: str | None) -> bool:
-    """True when the claim's process is known to be gone (same host, pid not running)."""
-    if not owner:
-        return True
-    host, _, rest = owner.partition(":")
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(int(rest.split(":")[0]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
-
-
 # Columns added after schema 1, in the order migrations add them: (name, SQL type).
 _LATER_COLUMNS = {2: [("health", "TEXT"), ("role", "TEXT")], 3: [("flops", "INTEGER")]}
 
@@ -141,6 +64,8 @@ class Store:
     `readonly=True` only reads (reports, dry runs, finding a teacher): the database is opened
     read-only, nothing is created or migrated, and the directory may be read-only.
     """
+
+    readonly = False
 
     def __init__(self, runs_dir: str | Path, create: bool = True, readonly: bool = False):
         self.root = Path(runs_dir).expanduser()
@@ -164,6 +89,11 @@ class Store:
         # WAL only once the file is known to be ours: switching rewrites the header of a foreign file.
         # In WAL mode readers never block the writer and a killed writer leaves the database whole.
         self._conn.execute("PRAGMA journal_mode=WAL")
+
+    @property
+    def is_writer(self) -> bool:
+        """True: this store writes the database (False when opened read-only)."""
+        return not self.readonly
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -313,7 +243,7 @@ class Store:
                 return "done"
             if row["status"] == "running" and row["owner"] != owner:
                 stale = time.time() - (row["heartbeat"] or 0) > STALE_AFTER_S
-                if not stale and not _owner_is_dead(row["owner"]):
+                if not stale and not owner_is_dead(row["owner"]):
                     return "busy"
             c.execute("UPDATE runs SET status='running', owner=?, heartbeat=?, error=NULL, "
                       "started=COALESCE(started, ?) WHERE run_id=?", (owner, time.time(), time.time(), run_id))
@@ -407,13 +337,7 @@ class Store:
     def save_checkpoint(self, run_id: str, state: dict[str, Any]) -> None:
         """Write atomically: a temporary file, flushed to disk, then renamed over the old one. The
         checkpoint carries the digest of its content, checked whenever it is read."""
-        path = self.checkpoint_path(run_id)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save({**state, CHECKPOINT_DIGEST: state_sha256(state)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_checkpoint_file(self.checkpoint_path(run_id), state)
 
     def load_checkpoint(self, run_id: str) -> dict[str, Any] | None:
         """The run's latest checkpoint (to resume it), None if it has none; a damaged one is a UserError."""
@@ -421,53 +345,3 @@ class Store:
         if not path.exists():
             return None
         return read_checkpoint_file(path, RESUME_ADVICE)
-
-
-def read_checkpoint_file(path: str | Path, advice: str = FINISHED_ADVICE) -> dict[str, Any]:
-    """A kdlab checkpoint, checked against the digest written inside it: one line naming the file, what
-    is wrong and `advice` when it cannot be read or its content changed since it was written."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # the file could not be read at all (a folder in its place, permissions): not damage
-        raise
-    except Exception as e:  # noqa: BLE001 (a damaged zip or pickle fails in many ways)
-        why = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} is damaged ({why}): {advice}") from None
-    check_checkpoint(state, path, advice)
-    return state
-
-
-def check_checkpoint(state: Any, path: str | Path, advice: str = FINISHED_ADVICE) -> None:
-    """Raise a UserError when a loaded checkpoint's content is not what was written (checkpoints written
-    before kdlab kept digests are taken as they are)."""
-    if isinstance(state, dict) and CHECKPOINT_DIGEST in state:
-        content = {k: v for k, v in state.items() if k != CHECKPOINT_DIGEST}
-        if state_sha256(content) != state[CHECKPOINT_DIGEST]:
-            raise UserError(f"checkpoint {path} is damaged (its content's sha256 differs from the one written "
-                            f"with it): {advice}")
-
-
-class Heartbeat:
-    """Refreshes a claim from a background thread while a run trains (epochs can be long)."""
-
-    def __init__(self, store: Store, run_ids: list[str], owner: str, every_s: float = HEARTBEAT_S):
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(store, run_ids, owner, every_s), daemon=True)
-
-    def _beat(self, store: Store, run_ids: list[str], owner: str, every_s: float) -> None:
-        # Through the store's interface, so that a store proxy (kdlab.store_proxy) beats through its writer.
-        beating = store.reopen()
-        try:
-            while not self._stop.wait(every_s):
-                for run_id in run_ids:
-                    beating.heartbeat(run_id, owner)
-        finally:
-            beating.close()
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kdlab import health, paper, stats
-from kdlab.report.model import Cell, Missing, ModelRow, NoiseRow
-from kdlab.report.naming import RunInfo
+from kdlab.reporting.model import Cell, Missing, ModelRow, NoiseRow
+from kdlab.reporting.naming import RunInfo
 from kdlab.stats import PairedResult, Summary
 
 if TYPE_CHECKING:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kdlab.report.model import Report
-from kdlab.report.sections import intro, sections
+from kdlab.reporting.model import Report
+from kdlab.reporting.sections import intro, sections
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",

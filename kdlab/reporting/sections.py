@@ -12,8 +12,8 @@ from typing import Any
 
 from kdlab import paper
 from kdlab.models.profile import format_flops
-from kdlab.report.model import NoiseRow, Report, Study
-from kdlab.report.text import DASH, fmt_duration, fmt_gain, fmt_summary, fmt_time, integer, num, one_line, yes_no
+from kdlab.reporting.model import NoiseRow, Report, Study
+from kdlab.reporting.text import DASH, fmt_duration, fmt_gain, fmt_summary, fmt_time, integer, num, one_line, yes_no
 
 TIMING_PARTS = (("data_s", "Data"), ("teacher_s", "Teacher fwd"), ("student_s", "Student step"),
                 ("eval_s", "Eval"), ("other_s", "Other"))

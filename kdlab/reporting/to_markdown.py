@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from kdlab.report.model import Report
-from kdlab.report.sections import intro, sections, study_line
+from kdlab.reporting.model import Report
+from kdlab.reporting.sections import intro, sections, study_line
 
 
 def _md_cell(text: str) -> str:

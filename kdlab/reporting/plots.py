@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from kdlab.report import Cell, Report, Study
+    from kdlab.reporting import Cell, Report, Study
 
 MARKERS = "osD^vP*Xh<>"
 DPI = 120

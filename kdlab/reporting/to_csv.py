@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from kdlab import paper
-from kdlab.report.model import Report, Study
-from kdlab.report.sections import TIMING_PARTS
-from kdlab.report.text import one_line
+from kdlab.reporting.model import Report, Study
+from kdlab.reporting.sections import TIMING_PARTS
+from kdlab.reporting.text import one_line
 from kdlab.stats import PairedResult, Summary
 
 CSV_COLUMNS = ("dataset", "preset", "recipe", "section", "student", "teacher", "method", "metric", "seed",

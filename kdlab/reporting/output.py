@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdlab.errors import UserError
-from kdlab.report.build import build_report
-from kdlab.report.model import Report
-from kdlab.report.to_csv import render_csv
-from kdlab.report.to_json import render_json
-from kdlab.report.to_latex import render_latex
-from kdlab.report.to_markdown import render_markdown
+from kdlab.reporting.build import build_report
+from kdlab.reporting.model import Report
+from kdlab.reporting.to_csv import render_csv
+from kdlab.reporting.to_json import render_json
+from kdlab.reporting.to_latex import render_latex
+from kdlab.reporting.to_markdown import render_markdown
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -45,7 +45,7 @@ def write_report(report: Report, out_dir: str | Path, formats: Sequence[str] = (
         path.write_text(render(report, fmt, compare_paper), encoding="utf-8")
         written.append(path)
     if plots:
-        from kdlab.plots import draw_all
+        from kdlab.reporting.plots import draw_all
 
         written += draw_all(report, out)
     report.files = written
@@ -60,10 +60,9 @@ def report(runs_dir: str | Path | None = None, out_dir: str | Path | None = None
 
     The files written are in the returned report's `files`.
     """
-    from kdlab.api import default_runs_dir
-    from kdlab.store import Store
+    from kdlab.store import open_store
 
-    store = Store(runs_dir if runs_dir is not None else default_runs_dir(), readonly=True)
+    store = open_store(runs_dir)
     try:
         result = build_report(store, dataset=dataset, preset=preset)
     finally:

@@ -31,6 +31,13 @@ METHOD_FIELDS = ("temperature", "alpha", "method_args")  # only distillation run
 _SHORT = {"temperature": "T"}
 
 
+def is_deployment_run(config: dict[str, Any]) -> bool:
+    """A run made by the deploy layer (export, int8, pruned recovery, QAT): not a study run, but a row of
+    the deployment table (kdlab.deploy.table)."""
+    return ("deploy" in config or str(config.get("model", "")).startswith("pruned:")
+            or config.get("method") == "qat")
+
+
 def family_rank(model: str) -> tuple[int, str]:
     """The paper's order (vgg16, resnet18, densenet121), then the other models by name."""
     return (paper.FAMILIES.index(model) if model in paper.FAMILIES else len(paper.FAMILIES), model)

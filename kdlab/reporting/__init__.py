@@ -27,13 +27,13 @@ tables from the store), `statistics` (per row and cell), `text` and `sections` (
 `to_markdown`, `to_latex`, `to_csv`, `to_json` (one per format), `output` (files and the API).
 """
 
-from kdlab.report.build import build_report
-from kdlab.report.model import Cell, Missing, ModelRow, NoiseRow, Report, Study
-from kdlab.report.naming import display_name, method_label
-from kdlab.report.output import FILE_NAMES, FORMATS, render, report, write_report
-from kdlab.report.sections import noise_summary
-from kdlab.report.text import fmt_duration, fmt_gain, fmt_summary, fmt_time
-from kdlab.report.to_latex import latex_escape
+from kdlab.reporting.build import build_report
+from kdlab.reporting.model import Cell, Missing, ModelRow, NoiseRow, Report, Study
+from kdlab.reporting.naming import display_name, method_label
+from kdlab.reporting.output import FILE_NAMES, FORMATS, render, report, write_report
+from kdlab.reporting.sections import noise_summary
+from kdlab.reporting.text import fmt_duration, fmt_gain, fmt_summary, fmt_time
+from kdlab.reporting.to_latex import latex_escape
 
 __all__ = [
     "FILE_NAMES", "FORMATS", "Cell", "Missing", "ModelRow", "NoiseRow", "Report", "Study", "build_report",

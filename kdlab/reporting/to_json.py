@@ -8,8 +8,8 @@ from dataclasses import asdict
 from typing import Any
 
 from kdlab import paper
-from kdlab.report.model import Cell, ModelRow, Report, Study
-from kdlab.report.sections import PAPER_NOTE, noise_summary
+from kdlab.reporting.model import Cell, ModelRow, Report, Study
+from kdlab.reporting.sections import PAPER_NOTE, noise_summary
 from kdlab.stats import Summary
 
 

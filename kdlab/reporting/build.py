@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 from kdlab.data.checks import describe_data
 from kdlab.errors import UserError
 from kdlab.health import is_diverged
-from kdlab.report.model import Cell, Missing, ModelRow, Report, Study
-from kdlab.report.naming import RunInfo, describe, family_rank, recipe, study_teacher_width
-from kdlab.report.statistics import Alone, Rows, cell, link_to_kd, model_row, noise_rows, usable, verdict
-from kdlab.report.text import DASH
+from kdlab.reporting.model import Cell, Missing, ModelRow, Report, Study
+from kdlab.reporting.naming import RunInfo, describe, family_rank, is_deployment_run, recipe, study_teacher_width
+from kdlab.reporting.statistics import Alone, Rows, cell, link_to_kd, model_row, noise_rows, usable, verdict
+from kdlab.reporting.text import DASH
 
 if TYPE_CHECKING:
     from kdlab.store import RunRecord, Store
@@ -29,8 +29,6 @@ def build_report(store: Store, dataset: str | None = None, preset: str | None = 
 
     `dataset` matches a study's dataset name, the location its runs were given (a built-in name or
     a folder), or the start of its fingerprint."""
-    from kdlab.deploy.runs import is_deployment_run  # exported, pruned, QAT models: the deployment table's
-
     runs = store.runs()
     chosen = [r for r in runs if (dataset is None or _data_matches(r.config, dataset))
               and (preset is None or r.config.get("preset") == preset) and not is_deployment_run(r.config)]
