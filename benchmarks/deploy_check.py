@@ -26,8 +26,9 @@ from pathlib import Path
 
 from kdlab.deploy.compress import CompressSpec, compress
 from kdlab.deploy.export import deploy_versions
+from kdlab.deploy.files import model_file
 from kdlab.deploy.latency import cpu_model, onnx_latency, torch_latency
-from kdlab.deploy.runs import deploy_info, load_run_model, model_file
+from kdlab.deploy.runs import deploy_info, load_run_model
 from kdlab.deploy.runtime import dataset_of
 from kdlab.store import Store
 
@@ -69,8 +70,8 @@ def check(store: Store, model: str, args: argparse.Namespace) -> dict:
     eager_student = torch_latency(load_run_model(student, store.root), shape, batches, threads, args.seconds)
     # The teacher only at batch 1 (the target's setting): its batch 64 on one thread takes seconds per call.
     eager_teacher = torch_latency(load_run_model(teacher, store.root), shape, [1], threads, args.seconds)
-    ort_final = onnx_latency(model_file(store.root, final), batches, threads, args.seconds)
-    ort_student = onnx_latency(model_file(store.root, fp32), batches, threads, args.seconds)
+    ort_final = onnx_latency(model_file(store, final), batches, threads, args.seconds)
+    ort_student = onnx_latency(model_file(store, fp32), batches, threads, args.seconds)
     b1 = {name: latency(entries, runtime, 1, 1) for name, entries, runtime in (
         ("final_ort", ort_final, "onnxruntime"), ("student_eager", eager_student, "torch-eager"),
         ("teacher_eager", eager_teacher, "torch-eager"))}

@@ -59,6 +59,7 @@ def build_config(preset: str = "paper", model: str = "resnet18", file_values: di
     if cfg.weights:  # the file's content, not its path, is what the run starts from
         cfg.weights_id = file_identity(cfg.weights)
     validate(cfg)
+    cfg.method_args = METHODS[cfg.method].typed_args(cfg.method_args)
     return cfg
 
 

@@ -142,3 +142,12 @@ def test_a_one_process_run_keeps_its_id_and_a_run_on_several_is_another(monkeypa
     stored = one.to_dict()
     del stored["processes"]
     assert recipe(stored) == "" and recipe(two.to_dict()) == "processes=2"
+
+
+def test_a_whole_number_for_a_float_method_argument_is_the_same_run():
+    # `--method-arg dkd.beta=4` reads as the integer 4; from Python or YAML it may be 4.0. One setting, one run.
+    ids = {build_config("smoke", "vgg16", overrides={"method": "dkd", "teacher": "t", "method_args": {"beta": b}})
+           .run_hash() for b in (4, 4.0)}
+    assert len(ids) == 1
+    cfg = build_config("smoke", "vgg16", overrides={"method": "dkd", "teacher": "t", "method_args": {"beta": 4}})
+    assert cfg.method_args == {"beta": 4.0} and type(cfg.method_args["beta"]) is float

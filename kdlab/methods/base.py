@@ -68,6 +68,16 @@ class Method(nn.Module):
         return cls.needs_teacher
 
     @classmethod
+    def typed_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """The method's arguments with whole numbers given for float settings made floats: beta=8 and
+        beta=8.0 are one setting, so one run (one id), however they were written."""
+        out = dict(args)
+        for key, value in args.items():
+            if isinstance(cls.defaults.get(key), float) and isinstance(value, int) and not isinstance(value, bool):
+                out[key] = float(value)
+        return out
+
+    @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Reject method arguments this method does not know or cannot use."""
         unknown = set(cfg.method_args) - set(cls.defaults)
