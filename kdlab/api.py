@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from kdlab.catalog import benchmark, list_methods, list_models
 from kdlab.config import PRESET_WIDTHS
 from kdlab.data import DataIdentity, Dataset
 from kdlab.data.arrays import array_identity, as_dataset
@@ -31,9 +32,9 @@ from kdlab.teacher_lookup import FoundTeacher, load_teacher
 from kdlab.training import execute, resolve_config
 
 __all__ = [
-    "FoundTeacher", "GridResult", "StudyReport", "as_model_name", "compress", "default_runs_dir", "default_width",
-    "demo", "distill", "execute", "export", "grid", "latency", "load_teacher", "merge", "report", "resolve_config",
-    "train",
+    "FoundTeacher", "GridResult", "StudyReport", "as_model_name", "benchmark", "compress", "default_runs_dir",
+    "default_width", "demo", "distill", "execute", "export", "grid", "latency", "list_methods", "list_models",
+    "load_teacher", "merge", "report", "resolve_config", "train",
 ]
 
 

@@ -30,3 +30,12 @@ def test_report_from_python_is_what_the_command_prints(tmp_path, tiny, capsys):
     assert main(["report", "--runs-dir", str(runs_dir), "--format", "json"]) == 0
     assert capsys.readouterr().out == study.text("json") + "\n"
     assert {p.name for p in study.files} >= {"report.md", "report.json", "report.csv", "report.tex"}
+
+
+def test_the_catalog_commands_print_what_the_api_returns(capsys):
+    import json
+
+    assert main(["methods", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(kdlab.list_methods()))
+    assert main(["models", "resnet18", "--widths", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == kdlab.list_models(["resnet18"], [0.5])

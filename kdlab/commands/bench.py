@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 from kdlab.commands.options import csv, pairs
-from kdlab.errors import UserError
 from kdlab.schedule.plan import PAPER_MODELS
 
 
@@ -24,23 +23,11 @@ def register(sub: Any) -> None:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from kdlab import bench as engine_bench
-    from kdlab.outputs import writable_dir
+    from kdlab.api import benchmark
+    from kdlab.bench import format_table
 
-    out = writable_dir(args.out, "--out")
-    models, what = csv(args.models), set(csv(args.what))
-    if args.warmup < 0 or args.steps < 1:
-        raise UserError("--warmup must be >= 0 and --steps >= 1")
-    if not what <= {"throughput", "kd"}:
-        raise UserError(f"--what takes throughput and/or kd, got {args.what!r}")
-    settings = pairs(args.set, "--set")
-    results: dict[str, Any] = {"environment": engine_bench.environment(), "preset": args.preset,
-                               "overrides": settings, "warmup": args.warmup, "steps": args.steps}
-    if "throughput" in what:
-        results["throughput"] = engine_bench.throughput(models, args.preset, args.warmup, args.steps, settings)
-    if "kd" in what:
-        results["kd_overhead"] = engine_bench.kd_overhead(models, models, args.preset, args.warmup, args.steps,
-                                                          settings)
-    print(engine_bench.format_table(results))
-    print(f"wrote {engine_bench.write_results(results, out)}", file=sys.stderr)
+    results, path = benchmark(csv(args.models), preset=args.preset, what=csv(args.what), warmup=args.warmup,
+                              steps=args.steps, settings=pairs(args.set, "--set"), out=args.out)
+    print(format_table(results))
+    print(f"wrote {path}", file=sys.stderr)
     return 0

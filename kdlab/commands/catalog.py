@@ -26,7 +26,8 @@ def register(sub: Any) -> None:
 
 
 def models(args: argparse.Namespace) -> int:
-    from kdlab.models.listing import describe, print_sources, print_table
+    from kdlab.api import list_models
+    from kdlab.models.listing import print_sources, print_table
 
     if args.all:
         print_sources()
@@ -35,9 +36,7 @@ def models(args: argparse.Namespace) -> int:
         widths = [float(w) for w in args.widths.split(",")]
     except ValueError:
         raise UserError(f"--widths takes comma-separated numbers, got {args.widths!r}") from None
-    if args.image_size < 1 or args.num_classes < 1:
-        raise UserError("--image-size and --num-classes must be >= 1")
-    rows = describe(args.names, widths, args.num_classes, args.image_size)
+    rows = list_models(args.names, widths, args.num_classes, args.image_size)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -45,17 +44,10 @@ def models(args: argparse.Namespace) -> int:
     return 0
 
 
-def method_rows() -> list[dict[str, Any]]:
-    """The registered methods: name, whether they need a teacher or features, arguments, paper, notes."""
-    from kdlab.methods import METHODS
-
-    return [{"name": name, "teacher": cls.needs_teacher, "features": cls.uses_features, "args": cls.defaults,
-             "paper": cls.paper, "setting": cls.setting, "notes": cls.notes, "version": cls.version}
-            for name, cls in sorted(METHODS.items())]
-
-
 def methods(args: argparse.Namespace) -> int:
-    rows = method_rows()
+    from kdlab.api import list_methods
+
+    rows = list_methods()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
