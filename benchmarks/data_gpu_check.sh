@@ -18,7 +18,7 @@ OUT=${OUT:-/tmp/kdlab-data-gpu}
 mkdir -p "$OUT"
 export KDLAB_CACHE_DIR=${KDLAB_CACHE_DIR:-/tmp/kdlab-data-gpu-cache}
 
-timeout 150 python -m pytest -q tests/test_residency.py -rs > "$OUT/residency-tests.log" 2>&1
+timeout 150 python -m pytest -o addopts="" -q tests/test_residency.py -rs > "$OUT/residency-tests.log" 2>&1
 echo "residency tests: exit $? ($(tail -1 "$OUT/residency-tests.log"))"
 
 if [ -d .before/kdlab ]; then

@@ -38,7 +38,7 @@ for stage in $stages; do
 echo "=== stage $stage"
 case "$stage" in
 check)
-    KDLAB_CHECK_OUT="$OUT" timeout ${CHECK_S:-120} python3 -m pytest -q -p no:cacheprovider -rA --durations=0 \
+    KDLAB_CHECK_OUT="$OUT" timeout ${CHECK_S:-120} python3 -m pytest -o addopts="" -q -p no:cacheprovider -rA --durations=0 \
         tests/test_graphs_cuda.py 2>&1 | tee "$OUT/check.log"
     echo "graphs test exit: ${PIPESTATUS[0]}" | tee -a "$OUT/check.log"
     ;;
