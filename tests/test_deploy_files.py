@@ -238,3 +238,28 @@ def test_grid_compress_plan_shows_every_setting_and_what_is_done(study, capsys, 
                         ("prune=0.5,epochs=0", ("--compress epochs=0", ">= 1"))):
         err = _one_line(capsys, *grid, "--compress", spec)
         assert all(w in err for w in words) and "--epochs" not in err, err
+
+
+def test_the_rebuild_command_names_every_option_the_fine_tuning_runs_were_made_with(study, runs):
+    import dataclasses
+
+    from kdlab.deploy.files import rebuild_command
+
+    store = Store(runs, readonly=True)
+    try:
+        by_id = {r.run_id: r for r in store.runs()}
+    finally:
+        store.close()
+    pruned = next(r for r in by_id.values() if r.config["model"] == "pruned:resnet18")
+    int8 = _served(runs, pruned.run_id, quantized=True)
+    made = rebuild_command(int8, by_id)  # compress at its defaults: nothing but the steps
+    assert made.startswith(f"kdlab compress {study.student.run_id[:8]} --prune 0.5 --criterion l1 --epochs 1")
+    assert "--lr" not in made and "--set" not in made and "--teacher" not in made
+    # The same pruned run as made with --lr, --teacher and --set: the command says so (else it would
+    # train other fine-tuning runs instead of finding these).
+    config = {**pruned.config, "lr": pruned.config["lr"] * 3, "label_smoothing": 0.1,
+              "teacher": study.student.run_id}  # the unpruned student as its teacher, not the student's own
+    by_id[pruned.run_id] = dataclasses.replace(pruned, config=config)
+    made = rebuild_command(int8, by_id)
+    assert f"--lr {pruned.config['lr'] * 3:.10g}" in made and "--set label_smoothing=0.1" in made
+    assert f"--teacher {study.student.run_id[:8]}" in made

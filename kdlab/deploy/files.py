@@ -12,13 +12,15 @@ before digests were kept are checked by their recorded size.
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
 
 from kdlab.deploy.runs import (
-    DEFAULT_OPSET,
     INFO_FILE,
     LATENCY_FILE,
     MODEL_FILE,
@@ -57,29 +59,53 @@ def file_problem(root: Path, record: RunRecord) -> str | None:
     return None
 
 
+# What `compress` sets on its fine-tuning runs itself (prune.recovery_config, quantize.qat_run): any other
+# difference from the run they were made from came from the user's --set.
+_FINE_TUNING_SETS = {"model", "model_args", "method", "method_args", "teacher", "teacher_path", "epochs", "lr",
+                     "scheduler", "warmup", "snapshots", "data_dir"}
+
+
 def rebuild_command(record: RunRecord, by_id: dict[str, RunRecord]) -> str:
     """The command that makes a deployment run's files again: `export` for an fp32 model, the `compress`
-    that made an int8 one (from the trained run it all started from)."""
+    that made an int8 one (from the trained run it all started from), with every option that run was made
+    with, so that it finds its fine-tuning runs finished instead of training others."""
+    from kdlab.config import _DERIVED_FIELDS
+    from kdlab.deploy.compress import RECOVERY_LR
+    from kdlab.deploy.export import DEFAULT_OPSET
+
     dep = record.config["deploy"]
     opset = "" if dep.get("opset", DEFAULT_OPSET) == DEFAULT_OPSET else f" --opset {dep['opset']}"
     if not dep.get("quantize"):
         return f"kdlab export {dep['source'][:8]}{opset}"
     chain = lineage(record, by_id)[1:]  # the trained runs it came from, the first trained one last
-    steps, epochs = [], None
-    for run in chain:
+    steps, epochs, lr, sets = [], None, None, {}
+    for run, parent in zip(chain, chain[1:], strict=False):
         cfg = run.config
         if cfg.get("method") == "qat":
             steps.append("--qat always")
+            lr = lr or float(cfg["lr"]) / RECOVERY_LR  # QAT trains at a tenth of the recovery lr
         elif str(cfg.get("model", "")).startswith("pruned:"):
             args = cfg.get("model_args") or {}
             steps.append(f"--prune {args.get('ratio', 0):g} --criterion {args.get('criterion', 'l1')}")
+            lr = float(cfg["lr"])
+            default_teacher = parent.config.get("teacher") or parent.run_id
+            if cfg.get("teacher") != default_teacher:
+                teacher = str(cfg["teacher"])  # a run id, or file:SHA for a checkpoint given by its path
+                named = shlex.quote(str(cfg.get("teacher_path"))) if teacher.startswith("file:") else teacher[:8]
+                steps.append(f"--teacher {named}")
         else:
             continue
         epochs = epochs or cfg.get("epochs")
-    origin = chain[-1].run_id if chain else dep["source"]
-    options = " ".join([*steps, *([f"--epochs {epochs}"] if epochs else []),
-                        f"--quantize int8 --calibration {dep.get('calibration')}"])
-    return f"kdlab compress {origin[:8]} {options}{opset}"
+        sets.update({k: v for k, v in cfg.items() if k not in _FINE_TUNING_SETS and k not in _DERIVED_FIELDS
+                     and v != parent.config.get(k)})
+    origin = chain[-1] if chain else None
+    options = [*steps, *([f"--epochs {epochs}"] if epochs else [])]
+    if lr is not None and origin is not None and not math.isclose(lr, float(origin.config["lr"]) * RECOVERY_LR):
+        options.append(f"--lr {lr:.10g}")
+    options += [f"--set {shlex.quote(f'{k}={v if isinstance(v, str) else json.dumps(v)}')}"
+                for k, v in sorted(sets.items())]
+    options.append(f"--quantize int8 --calibration {dep.get('calibration')}")
+    return f"kdlab compress {(origin.run_id if origin else dep['source'])[:8]} {' '.join(options)}{opset}"
 
 
 def problem_line(by_id: dict[str, RunRecord], record: RunRecord, problem: str) -> str:
