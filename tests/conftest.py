@@ -87,3 +87,15 @@ def study(tmp_path_factory, synthetic_dir):
     made = {r.run_id: r for r in store.runs()}
     store.close()
     return SimpleNamespace(runs=runs, teacher=teacher, student=student, code=code, made=made)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_once_per_process_messages():
+    """kdlab says some things once per process (the data's residency, the precision chosen): forgotten
+    before each test, so what a test sees does not depend on which tests ran before it in its process
+    (the suite runs in several processes, in an order that varies)."""
+    from kdlab import device
+    from kdlab.data import residency
+
+    residency._announced.clear()
+    device._ANNOUNCED.clear()

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from kdlab.deploy.export import DEFAULT_OPSET, check_opset, export_run
-from kdlab.deploy.plan import QAT_THRESHOLD, RECOVERY_LR, progress_text
+from kdlab.deploy.plan import QAT_THRESHOLD, progress_text
 from kdlab.deploy.prune import (
     CRITERIA,
     check_prunable,
@@ -36,7 +36,7 @@ from kdlab.deploy.prune import (
     resolve_teacher,
 )
 from kdlab.deploy.quantize import DEFAULT_CALIBRATION, int8_run, qat_run
-from kdlab.deploy.runs import derived_config, lineage
+from kdlab.deploy.runs import RECOVERY_LR, derived_config, lineage
 from kdlab.deploy.runtime import calibration_loader, dataset_of
 from kdlab.errors import RunBusy, UserError
 from kdlab.store import RunRecord, Store

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from kdlab.deploy.runs import (
+    DEFAULT_OPSET,
     INFO_FILE,
     LATENCY_FILE,
     MODEL_FILE,
+    RECOVERY_LR,
     artifact_dir,
     deploy_info,
     file_digests,
@@ -70,8 +72,6 @@ def rebuild_command(record: RunRecord, by_id: dict[str, RunRecord]) -> str:
     that made an int8 one (from the trained run it all started from), with every option that run was made
     with, so that it finds its fine-tuning runs finished instead of training others."""
     from kdlab.config import _DERIVED_FIELDS
-    from kdlab.deploy.compress import RECOVERY_LR
-    from kdlab.deploy.export import DEFAULT_OPSET
 
     dep = record.config["deploy"]
     opset = "" if dep.get("opset", DEFAULT_OPSET) == DEFAULT_OPSET else f" --opset {dep['opset']}"

@@ -13,11 +13,10 @@ from typing import Any
 from kdlab.deploy.export import export_settings
 from kdlab.deploy.prune import default_epochs
 from kdlab.deploy.quantize import int8_settings
-from kdlab.deploy.runs import deploy_id, lineage
+from kdlab.deploy.runs import RECOVERY_LR, deploy_id, lineage
 from kdlab.store import RunRecord
 
 QAT_THRESHOLD = 1.0  # points of top-1 an int8 model may lose before QAT is tried
-RECOVERY_LR = 0.1  # recovery fine-tunes at this fraction of the original run's lr; QAT at a tenth of that
 
 Steps = list[tuple[str, RunRecord | None]]
 

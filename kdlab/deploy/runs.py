@@ -33,6 +33,7 @@ from kdlab.reporting.naming import is_deployment_run  # noqa: F401 (the deploy l
 from kdlab.store import RunRecord, Store, read_checkpoint_file
 
 DEFAULT_OPSET = 20  # the ONNX opset exports are written in unless asked otherwise (kdlab.deploy.export)
+RECOVERY_LR = 0.1  # recovery fine-tunes at this fraction of the original run's lr; QAT at a tenth of that
 
 DEPLOY_DIR = "deploy"
 PRUNED_DIR = "pruned"
