@@ -31,12 +31,11 @@ from kdlab.deploy.prune import (
     check_prunable,
     check_ratio,
     check_trained,
-    default_epochs,
     prune_run,
     resolve_teacher,
 )
 from kdlab.deploy.quantize import DEFAULT_CALIBRATION, int8_run, qat_run
-from kdlab.deploy.runs import RECOVERY_LR, derived_config, lineage
+from kdlab.deploy.runs import RECOVERY_LR, derived_config, lineage, recovery_defaults
 from kdlab.deploy.runtime import calibration_loader, dataset_of
 from kdlab.errors import RunBusy, UserError
 from kdlab.store import RunRecord, Store
@@ -154,9 +153,8 @@ def compress(store: Store, record: RunRecord, spec: CompressSpec, *, data_dir: s
         derived_config(record, {}, spec.overrides, data_dir)
     if spec.prune is not None and spec.teacher:
         resolve_teacher(store, record, spec.teacher)
-    root = lineage(record, {r.run_id: r for r in store.runs()})[-1]
-    epochs = spec.epochs or default_epochs(root)
-    lr = spec.lr or float(root.config["lr"]) * RECOVERY_LR
+    default_epochs, default_lr = recovery_defaults(lineage(record, {r.run_id: r for r in store.runs()})[-1].config)
+    epochs, lr = spec.epochs or default_epochs, spec.lr or default_lr
     train = {"quiet": quiet, "silent": silent, "data_dir": data_dir, "overrides": spec.overrides}
     steps: list[Step] = []
 

@@ -33,6 +33,7 @@ from kdlab.deploy.runs import (
     lineage,
     read_json,
     record_deploy_run,
+    recovery_defaults,
     save_latency,
     write_json,
 )
@@ -100,7 +101,7 @@ def rebuild_command(record: RunRecord, by_id: dict[str, RunRecord]) -> str:
                      and v != parent.config.get(k)})
     origin = chain[-1] if chain else None
     options = [*steps, *([f"--epochs {epochs}"] if epochs else [])]
-    if lr is not None and origin is not None and not math.isclose(lr, float(origin.config["lr"]) * RECOVERY_LR):
+    if lr is not None and origin is not None and not math.isclose(lr, recovery_defaults(origin.config)[1]):
         options.append(f"--lr {lr:.10g}")
     options += [f"--set {shlex.quote(f'{k}={v if isinstance(v, str) else json.dumps(v)}')}"
                 for k, v in sorted(sets.items())]

@@ -11,9 +11,8 @@ import math
 from typing import Any
 
 from kdlab.deploy.export import export_settings
-from kdlab.deploy.prune import default_epochs
 from kdlab.deploy.quantize import int8_settings
-from kdlab.deploy.runs import RECOVERY_LR, deploy_id, lineage
+from kdlab.deploy.runs import RECOVERY_LR, deploy_id, lineage, recovery_defaults
 from kdlab.store import RunRecord
 
 QAT_THRESHOLD = 1.0  # points of top-1 an int8 model may lose before QAT is tried
@@ -25,9 +24,8 @@ def planned_steps(by_id: dict[str, RunRecord], record: RunRecord, spec: Any) -> 
     """(what, its finished run or None) for every model `compress` would make for `record` under the
     CompressSpec `spec`, in its order; and whether more may follow (QAT under qat=auto, undecided)."""
 
-    root = lineage(record, by_id)[-1]
-    epochs = spec.epochs or default_epochs(root)
-    lr = spec.lr or float(root.config["lr"]) * RECOVERY_LR
+    default_epochs, default_lr = recovery_defaults(lineage(record, by_id)[-1].config)
+    epochs, lr = spec.epochs or default_epochs, spec.lr or default_lr
     steps: Steps = []
     undecided = False
 
@@ -109,10 +107,8 @@ def progress_text(by_id: dict[str, RunRecord], run_id: str, spec: Any,
     if record is None or record.status != "done":
         if config is None:
             return spec.describe(), "waits for its run"
-        return spec.describe(max(1, round(int(config["epochs"]) / 10)), float(config["lr"]) * RECOVERY_LR), \
-            "waits for its run"
-    root = lineage(record, by_id)[-1]
-    settings = spec.describe(default_epochs(root), float(root.config["lr"]) * RECOVERY_LR)
+        return spec.describe(*recovery_defaults(config)), "waits for its run"
+    settings = spec.describe(*recovery_defaults(lineage(record, by_id)[-1].config))
     steps, undecided = planned_steps(by_id, record, spec)
     made = sum(run is not None for _, run in steps)
     text = f"{made} of {len(steps)} steps made"

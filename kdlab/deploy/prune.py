@@ -99,11 +99,6 @@ def resolve_teacher(store: Store, parent: RunRecord, spec: str | None) -> tuple[
     return model, ident, str(path)
 
 
-def default_epochs(root: RunRecord) -> int:
-    """A tenth of the original training's epochs, at least one (paper 100 -> 10, fast 40 -> 4, smoke 2 -> 1)."""
-    return max(1, round(int(root.config["epochs"]) / 10))
-
-
 def recovery_config(parent: RunRecord, base: str, args: dict[str, Any], teacher: tuple[str, str], epochs: int,
                     lr: float, overrides: dict[str, Any], data_dir: str | None) -> Config:
     """The recovery run: the parent's recipe, fine-tuned with KD at a tenth of the lr, cosine schedule."""

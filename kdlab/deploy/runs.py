@@ -42,6 +42,13 @@ INFO_FILE = "deploy.json"
 LATENCY_FILE = "latency.json"
 
 
+def recovery_defaults(config: dict[str, Any]) -> tuple[int, float]:
+    """The epochs and lr `compress` fine-tunes with unless told, from the config of the trained run it
+    starts from: a tenth of its epochs, at least one (paper 100 -> 10, fast 40 -> 4, smoke 2 -> 1), at
+    RECOVERY_LR of its lr (QAT at RECOVERY_LR of that)."""
+    return max(1, round(int(config["epochs"]) / 10)), float(config["lr"]) * RECOVERY_LR
+
+
 def finished_run(store: Store, spec: str) -> RunRecord:
     """A finished run by id or unambiguous prefix; one line for anything else."""
     record = store.find(spec)
